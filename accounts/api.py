@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.services import user_update_profile
+from chatapp.api import StrictSerializer, parse
+
+
+class MeOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    username = serializers.CharField()
+    name = serializers.CharField()
+    display_name = serializers.CharField()
+    email = serializers.CharField()
+    avatar_url = serializers.CharField()
+    system_role = serializers.CharField()
+    preferences = serializers.DictField()
+
+
+def me_payload(user: object) -> dict[str, object]:
+    return dict(MeOutputSerializer(user).data)
+
+
+class MeApi(APIView):
+    """My profile and preferences. The role and staff flag cannot be changed here."""
+
+    class InputSerializer(StrictSerializer):
+        display_name = serializers.CharField(max_length=150, required=False, allow_blank=True)
+        avatar_url = serializers.URLField(max_length=500, required=False, allow_blank=True)
+        preferences = serializers.DictField(required=False)
+
+    @extend_schema(responses=MeOutputSerializer)
+    def get(self, request: Request) -> Response:
+        return Response(me_payload(request.user))
+
+    @extend_schema(request=InputSerializer, responses=MeOutputSerializer)
+    def patch(self, request: Request) -> Response:
+        data = parse(self.InputSerializer, request.data)
+        user = user_update_profile(user=request.user, **data)  # type: ignore[arg-type]
+        return Response(me_payload(user))

@@ -1,0 +1,122 @@
+"""The one way events leave a transaction: sequenced, logged, and sent only after commit.
+
+Services call :func:`thread_event_record` for anything a reconnecting client must be able
+to replay (it allocates the thread's next sequence, appends the event to the durable
+``ThreadEvent`` log and schedules the broadcast), and :func:`broadcast_on_commit` for
+notices addressed to a user or ephemeral ones. Each event is serialised once here; the
+socket consumer forwards the prepared text (or compressed bytes) to every member.
+
+The channel layer is only a fast notice: channels-redis may drop a message for a channel
+that is over capacity, so clients resume from the log by sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
+from django.db.models import F
+
+logger = logging.getLogger(__name__)
+
+EVENT_MESSAGE_TYPE = "chat.event"
+
+
+def thread_group(thread_id: int) -> str:
+    return f"thread.{thread_id}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user.{user_id}"
+
+
+def event_dumps(event: dict[str, Any]) -> str:
+    return json.dumps(event, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+
+
+def compress(text: str) -> bytes:
+    """Raw DEFLATE (RFC 1951), readable in browsers with DecompressionStream('deflate-raw')."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return compressor.compress(text.encode()) + compressor.flush()
+
+
+def layer_message(event: dict[str, Any]) -> dict[str, Any]:
+    """The channel-layer message for an event: serialised (and compressed) once for all members."""
+    text = event_dumps(event)
+    message: dict[str, Any] = {"type": EVENT_MESSAGE_TYPE, "text": text}
+    if "thread_id" in event:
+        message["thread_id"] = event["thread_id"]
+    if "seq" in event:
+        message["seq"] = event["seq"]
+    if len(text.encode()) > settings.CHAT_COMPRESS_OVER_BYTES:
+        message["z"] = compress(text)
+    return message
+
+
+def group_send_now(group: str, message: dict[str, Any]) -> None:
+    """Send through the channel layer; a failure is logged, never raised (the DB has the record)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group, message)
+    except Exception:
+        logger.exception("channel layer send to %s failed; clients will resume from the log", group)
+        from chatapp import metrics
+
+        metrics.channel_layer_errors.inc()
+
+
+def broadcast_on_commit(*, group: str, event: dict[str, Any]) -> None:
+    """Send ``event`` to ``group`` after the current transaction commits; never after a rollback."""
+    message = layer_message(event)
+    transaction.on_commit(lambda: group_send_now(group, message))
+
+
+def sequence_next(thread_id: int) -> int:
+    """Allocate the thread's next event sequence. Must run inside a transaction.
+
+    The UPDATE holds the thread row's lock until commit, so concurrent writers in one thread
+    queue up and get distinct numbers; a rollback undoes the increment, so there are no gaps.
+    """
+    from threads.models import Thread
+
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("sequence_next must be called inside transaction.atomic")
+    updated = Thread.objects.filter(pk=thread_id).update(last_sequence=F("last_sequence") + 1)
+    if not updated:
+        from chatapp.errors import NotFound
+
+        raise NotFound("Thread not found.")
+    return int(Thread.objects.filter(pk=thread_id).values_list("last_sequence", flat=True).get())
+
+
+def thread_event_record(
+    *, thread_id: int, type: str, data: dict[str, Any], message_id: int | None = None, sequence: int | None = None
+) -> dict[str, Any]:
+    """Append a sequenced event to the thread's log and broadcast it to the thread after commit.
+
+    Pass ``sequence`` when the caller already allocated one (a message takes its event's number).
+    Returns the event as sent: ``{"type", "thread_id", "seq", "data"}``.
+    """
+    from threads.models import ThreadEvent
+
+    seq = sequence if sequence is not None else sequence_next(thread_id)
+    event = {"type": type, "thread_id": thread_id, "seq": seq, "data": data}
+    ThreadEvent.objects.create(thread_id=thread_id, sequence=seq, type=type, payload=event, message_id=message_id)
+    broadcast_on_commit(group=thread_group(thread_id), event=event)
+    return event
+
+
+def user_event_on_commit(*, user_id: int, type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A notice for every socket of one user (notifications, being added to or removed from a thread)."""
+    event = {"type": type, "data": data}
+    broadcast_on_commit(group=user_group(user_id), event=event)
+    return event

@@ -1,0 +1,175 @@
+"""Domain errors raised by services and selectors, and the one JSON error shape.
+
+Services raise these; the DRF exception handler turns them into HTTP responses and the
+socket consumer into ``error`` frames, so a rule never has two copies of its failure.
+
+Every error body is ``{"error": {"code": str, "message": str, ...}}`` with optional
+``fields`` (validation errors per field), ``retry_after`` (seconds) or ``current``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_default_handler
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    status = 400
+    code = "invalid"
+    default_message = "The request is invalid."
+
+    def __init__(self, message: str | None = None, *, fields: dict[str, Any] | None = None, **extra: Any) -> None:
+        self.message = message or self.default_message
+        self.fields = fields
+        self.extra = extra
+        super().__init__(self.message)
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.fields:
+            body["fields"] = self.fields
+        body.update(self.extra)
+        return body
+
+
+class InvalidInput(ServiceError):
+    status = 400
+    code = "invalid"
+
+
+class Unauthenticated(ServiceError):
+    status = 401
+    code = "unauthenticated"
+    default_message = "Authentication credentials were missing or invalid."
+
+
+class Forbidden(ServiceError):
+    """The actor can see the thread but their role does not allow the action."""
+
+    status = 403
+    code = "forbidden"
+    default_message = "You do not have permission to do that."
+
+
+class NotFound(ServiceError):
+    """Also raised for things the actor may not know exist (non-members get 404)."""
+
+    status = 404
+    code = "not_found"
+    default_message = "Not found."
+
+
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+    default_message = "The resource changed; reload and try again."
+
+
+class TooLarge(ServiceError):
+    status = 413
+    code = "too_large"
+    default_message = "The payload is too large."
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+    default_message = "Too many requests; slow down."
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1, **extra: Any) -> None:
+        super().__init__(message, retry_after=max(1, int(retry_after)), **extra)
+        self.retry_after = max(1, int(retry_after))
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+_DRF_CODES: dict[type[Exception], tuple[int, str]] = {
+    drf_exceptions.NotAuthenticated: (401, "unauthenticated"),
+    drf_exceptions.AuthenticationFailed: (401, "unauthenticated"),
+    drf_exceptions.PermissionDenied: (403, "forbidden"),
+    drf_exceptions.NotFound: (404, "not_found"),
+    drf_exceptions.MethodNotAllowed: (405, "method_not_allowed"),
+    drf_exceptions.NotAcceptable: (406, "not_acceptable"),
+    drf_exceptions.UnsupportedMediaType: (415, "unsupported_media_type"),
+    drf_exceptions.Throttled: (429, "rate_limited"),
+    drf_exceptions.ParseError: (400, "malformed"),
+}
+
+
+def _flatten(detail: Any) -> Any:
+    if isinstance(detail, dict):
+        return {key: _flatten(value) for key, value in detail.items()}
+    if isinstance(detail, list):
+        return [_flatten(item) for item in detail]
+    return str(detail)
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF's EXCEPTION_HANDLER: every failure leaves the API in the one error shape."""
+    if isinstance(exc, ServiceError):
+        service_response = Response(error_body(**exc.as_dict()), status=exc.status)
+        if isinstance(exc, RateLimited):
+            service_response["Retry-After"] = str(exc.retry_after)
+        return service_response
+    if isinstance(exc, Http404):
+        exc = drf_exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf_exceptions.PermissionDenied()
+    handled = drf_default_handler(exc, context)
+    if handled is None:
+        return None
+    response: Response = handled
+    if isinstance(exc, drf_exceptions.ValidationError):
+        fields = _flatten(exc.detail)
+        if not isinstance(fields, dict):
+            fields = {"non_field_errors": fields}
+        response.data = error_body("invalid", "Some fields are invalid.", fields=fields)
+        return response
+    status, code = 500, "error"
+    for klass, mapped in _DRF_CODES.items():
+        if isinstance(exc, klass):
+            status, code = mapped
+            break
+    else:
+        status = response.status_code
+        code = getattr(exc, "default_code", "error")
+    detail = getattr(exc, "detail", None)
+    message = str(detail) if detail is not None and not isinstance(detail, (dict, list)) else str(exc)
+    extra: dict[str, Any] = {}
+    wait = getattr(exc, "wait", None)
+    if isinstance(exc, drf_exceptions.Throttled) and wait is not None:
+        extra["retry_after"] = max(1, int(wait))
+        response["Retry-After"] = str(extra["retry_after"])
+    response.status_code = status
+    response.data = error_body(code, message, **extra)
+    return response
+
+
+def json_error(request: HttpRequest, status: int, code: str, message: str, **extra: Any) -> JsonResponse:
+    return JsonResponse(error_body(code, message, **extra), status=status)
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> Any:
+    if request.path.startswith("/api/"):
+        return json_error(request, 404, "not_found", "Not found.")
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception or Http404())
+
+
+def handler500(request: HttpRequest) -> Any:
+    if request.path.startswith("/api/"):
+        return json_error(request, 500, "server_error", "Something went wrong on our side.")
+    from django.views.defaults import server_error
+
+    return server_error(request)

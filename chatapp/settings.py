@@ -1,0 +1,354 @@
+"""Settings for chatapp, read from the environment in this one place.
+
+With no environment set the project runs on the embedded default: SQLite (WAL),
+the in-memory channel layer, local-memory cache, files on disk under
+``CHATAPP_DATA_DIR`` and Django's own login. ``DATABASE_URL``, ``REDIS_URL``,
+the ``AWS_*`` storage settings and the ``CLERK_*`` settings switch each part to
+its real service. Every variable read here is listed in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from None
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+# --- Core -----------------------------------------------------------------
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+TESTING = env_bool("CHATAPP_TESTING", "pytest" in sys.modules)
+
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG and not TESTING:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off (set DJANGO_DEBUG=1 for local development)."
+        )
+    SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"  # noqa: S105
+
+DATA_DIR = Path(env_str("CHATAPP_DATA_DIR", str(BASE_DIR / "data"))).resolve()
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost" if (DEBUG or TESTING) else "")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+# Origins allowed to open the websocket; defaults to the allowed hosts.
+WEBSOCKET_ALLOWED_ORIGINS = env_list("CHATAPP_WS_ALLOWED_ORIGINS")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "accounts",
+    "threads",
+    "messaging",
+    "attachments",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatapp.urls"
+ASGI_APPLICATION = "chatapp.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_USER_MODEL = "accounts.User"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "login"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+MEDIA_ROOT = DATA_DIR / "media"
+MEDIA_URL = "/media/"
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Database -------------------------------------------------------------
+
+DATABASE_URL = env_str("DATABASE_URL")
+DB_POOL_MAX_SIZE = env_int("CHATAPP_DB_POOL_MAX", 20)
+DB_STATEMENT_TIMEOUT_MS = env_int("CHATAPP_DB_STATEMENT_TIMEOUT_MS", 5000)
+SLOW_QUERY_SECONDS = float(env_str("CHATAPP_SLOW_QUERY_SECONDS", "1.0"))
+
+
+def _database_from_url(url: str) -> dict[str, Any]:
+    parsed = urlparse(url)
+    if parsed.scheme not in {"postgres", "postgresql", "pgsql"}:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL must be a postgres:// URL (got scheme {parsed.scheme!r}); "
+            "leave it unset for the embedded SQLite database."
+        )
+    if not parsed.path.strip("/"):
+        raise ImproperlyConfigured("DATABASE_URL must name a database, e.g. postgres://user:pw@host:5432/chatapp")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL has a malformed port: {exc}") from None
+    import dj_database_url
+
+    try:
+        config: dict[str, Any] = dict(dj_database_url.parse(url))
+    except Exception as exc:  # dj-database-url raises several types
+        raise ImproperlyConfigured(f"DATABASE_URL could not be parsed: {exc}") from None
+    config["ENGINE"] = "django.db.backends.postgresql"
+    # Django's psycopg 3 pool owns the connections, so persistent connections are off.
+    config["CONN_MAX_AGE"] = 0
+    config["OPTIONS"] = {
+        "pool": {"min_size": 1, "max_size": DB_POOL_MAX_SIZE, "timeout": 10},
+        "options": f"-c statement_timeout={DB_STATEMENT_TIMEOUT_MS}",
+    }
+    config["TEST"] = {"NAME": env_str("CHATAPP_TEST_DATABASE_NAME") or None}
+    return config
+
+
+if DATABASE_URL:
+    DATABASES = {"default": _database_from_url(DATABASE_URL)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "chatapp.sqlite3",
+            "OPTIONS": {
+                # WAL lets readers and the single writer work side by side.
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    }
+
+# --- Redis: channel layer, cache, sessions --------------------------------
+
+REDIS_URL = env_str("REDIS_URL")
+# Each daphne process holds one pool shared by every socket it serves.
+REDIS_MAX_CONNECTIONS = env_int("CHATAPP_REDIS_MAX_CONNECTIONS", 2000)
+
+if REDIS_URL:
+    _redis = urlparse(REDIS_URL)
+    if _redis.scheme not in {"redis", "rediss", "unix"} or (_redis.scheme != "unix" and not _redis.hostname):
+        raise ImproperlyConfigured(
+            f"REDIS_URL must look like redis://host:6379/0 (got {REDIS_URL!r}); leave it unset for in-memory layers."
+        )
+    try:
+        _redis.port  # noqa: B018
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"REDIS_URL has a malformed port: {exc}") from None
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": env_str("CHATAPP_CHANNEL_LAYER", "channels_redis.core.RedisChannelLayer"),
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "max_connections": REDIS_MAX_CONNECTIONS}],
+                "capacity": env_int("CHATAPP_CHANNEL_CAPACITY", 1000),
+                "expiry": 60,
+                "prefix": env_str("CHATAPP_CHANNEL_PREFIX", "chatapp"),
+            },
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env_str("CHATAPP_CACHE_PREFIX", "chatapp"),
+        }
+    }
+    SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "chatapp"}}
+    SESSION_ENGINE = "django.contrib.sessions.backends.db"
+
+# --- Storage --------------------------------------------------------------
+
+AWS_STORAGE_BUCKET_NAME = env_str("AWS_STORAGE_BUCKET_NAME")
+AWS_S3_ENDPOINT_URL = env_str("AWS_S3_ENDPOINT_URL") or None
+AWS_S3_REGION_NAME = env_str("AWS_S3_REGION_NAME", "us-east-1")
+AWS_ACCESS_KEY_ID = env_str("AWS_ACCESS_KEY_ID") or None
+AWS_SECRET_ACCESS_KEY = env_str("AWS_SECRET_ACCESS_KEY") or None
+AWS_QUERYSTRING_EXPIRE = env_int("AWS_QUERYSTRING_EXPIRE", 300)
+
+if AWS_STORAGE_BUCKET_NAME:
+    _default_storage: dict[str, Any] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": AWS_STORAGE_BUCKET_NAME,
+            "endpoint_url": AWS_S3_ENDPOINT_URL,
+            "region_name": AWS_S3_REGION_NAME,
+            "access_key": AWS_ACCESS_KEY_ID,
+            "secret_key": AWS_SECRET_ACCESS_KEY,
+            "querystring_auth": True,
+            "querystring_expire": AWS_QUERYSTRING_EXPIRE,
+            "default_acl": None,
+            "file_overwrite": False,
+            "signature_version": "s3v4",
+            "addressing_style": "path" if AWS_S3_ENDPOINT_URL else "auto",
+        },
+    }
+else:
+    _default_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(MEDIA_ROOT), "base_url": MEDIA_URL},
+    }
+
+STORAGES = {
+    "default": _default_storage,
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if (DEBUG or TESTING)
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+
+# --- Clerk ----------------------------------------------------------------
+
+CLERK_ISSUER = env_str("CLERK_ISSUER").rstrip("/")
+CLERK_JWKS_URL = env_str("CLERK_JWKS_URL") or (f"{CLERK_ISSUER}/.well-known/jwks.json" if CLERK_ISSUER else "")
+CLERK_AUTHORIZED_PARTIES = env_list("CLERK_AUTHORIZED_PARTIES")
+CLERK_WEBHOOK_SECRET = env_str("CLERK_WEBHOOK_SECRET")
+CLERK_PUBLISHABLE_KEY = env_str("CLERK_PUBLISHABLE_KEY")
+CLERK_FRONTEND_API_URL = env_str("CLERK_FRONTEND_API_URL")
+CLERK_LEEWAY_SECONDS = env_int("CLERK_LEEWAY_SECONDS", 10)
+CLERK_ENABLED = bool(CLERK_ISSUER)
+
+# --- Chat limits (from the design) ----------------------------------------
+
+CHAT_MAX_MESSAGE_BYTES = 100 * 1024
+CHAT_COMPRESS_OVER_BYTES = 10 * 1024
+CHAT_SENDS_PER_MINUTE = env_int("CHATAPP_SENDS_PER_MINUTE", 60)
+CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHATAPP_MAX_CONNECTIONS_PER_USER", 5)
+CHAT_HEARTBEAT_SECONDS = 30
+CHAT_IDLE_TIMEOUT_SECONDS = env_int("CHATAPP_IDLE_TIMEOUT_SECONDS", 120)
+# Client IP comes from X-Forwarded-For only when it is set by this many trusted proxies.
+TRUSTED_PROXY_COUNT = env_int("CHATAPP_TRUSTED_PROXY_COUNT", 0)
+
+# --- REST API -------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.ClerkJWTAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "chatapp.errors.api_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "chatapp API",
+    "DESCRIPTION": "Threads, messages, reactions, receipts and attachments. Errors share one JSON shape.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Security -------------------------------------------------------------
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if not DEBUG and not TESTING:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- Logging --------------------------------------------------------------
+
+LOG_LEVEL = env_str("CHATAPP_LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "chatapp.slow_query": {"level": "WARNING"},
+    },
+}

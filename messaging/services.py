@@ -1,0 +1,466 @@
+"""Writes for messages, reactions, receipts and notifications.
+
+Each function is the only code path for its change: the REST views and the socket consumer
+both call it. Each writes in a transaction and broadcasts after commit (chatapp.broadcast).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import merge3
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from accounts.models import AuditEntry, User
+from chatapp.broadcast import (
+    broadcast_on_commit,
+    sequence_next,
+    thread_event_record,
+    thread_group,
+    user_event_on_commit,
+)
+from chatapp.errors import Conflict, InvalidInput, NotFound, TooLarge
+from messaging import events
+from messaging.models import Message, MessageEdit, Notification, NotificationKind, Reaction
+from messaging.ratelimits import send_budget_consume
+from messaging.rendering import mentioned_usernames, render_body
+from threads import policy
+from threads.models import Thread, ThreadEvent, ThreadKind, ThreadParticipant
+from threads.selectors import thread_get_for_member
+
+CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_EMOJI_LENGTH = 32
+
+
+def _check_body(body: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(body, str):
+        raise InvalidInput(fields={"body": ["Must be text."]})
+    if len(body.encode()) > settings.CHAT_MAX_MESSAGE_BYTES:
+        raise TooLarge(f"A message body is limited to {settings.CHAT_MAX_MESSAGE_BYTES // 1024} KB.")
+    if "\x00" in body:
+        raise InvalidInput(fields={"body": ["Must not contain NUL characters."]})
+    if not allow_empty and not body.strip():
+        raise InvalidInput(fields={"body": ["Must not be empty."]})
+    return body
+
+
+def message_get_with_relations(*, message_id: int) -> Message:
+    return (
+        Message.objects.select_related("sender", "reply_to")
+        .prefetch_related("reactions", "attachments")
+        .get(pk=message_id)
+    )
+
+
+def _message_for_action(*, actor: User, message_id: int, action: policy.Action) -> tuple[Message, policy.ThreadRole]:
+    try:
+        message = Message.objects.select_related("thread").get(pk=message_id)
+    except (Message.DoesNotExist, ValueError, TypeError):
+        raise NotFound("Message not found.") from None
+    try:
+        access = thread_get_for_member(thread_id=message.thread_id, user=actor, action=action)
+    except NotFound:
+        raise NotFound("Message not found.") from None
+    return message, access.role
+
+
+def _existing_send(*, sender: User, client_msg_id: str, thread_id: int) -> Message | None:
+    existing = Message.objects.filter(sender=sender, client_msg_id=client_msg_id).first()
+    if existing is not None and existing.thread_id != thread_id:
+        raise Conflict("This client_msg_id was already used for another thread.", reason="client_msg_id_reused")
+    return existing
+
+
+def message_send(
+    *,
+    sender: User,
+    thread_id: int,
+    body: str,
+    client_msg_id: str,
+    reply_to_id: int | None = None,
+    attachment_ids: Sequence[int] = (),
+) -> tuple[Message, bool]:
+    """Store a message and broadcast ``message.created`` after commit.
+
+    Idempotent per (sender, client_msg_id): a retry returns the original message and
+    ``created`` False, never a second row, and does not spend the send budget.
+    Raises NotFound (not a member), InvalidInput, TooLarge, RateLimited.
+    """
+    if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID_RE.match(client_msg_id):
+        raise InvalidInput(fields={"client_msg_id": ["1-64 characters of letters, digits, '_', '.', ':' or '-'."]})
+    access = thread_get_for_member(thread_id=thread_id, user=sender, action=policy.Action.SEND)
+    existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
+    if existing is not None:
+        return existing, False
+    body = _check_body(body, allow_empty=bool(attachment_ids))
+    send_budget_consume(user=sender)
+    try:
+        with transaction.atomic():
+            # Lock the thread row: writers in one thread queue here, so the re-check below
+            # sees a concurrent duplicate that committed while we waited.
+            Thread.objects.select_for_update().filter(pk=thread_id).values_list("pk").get()
+            existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
+            if existing is not None:
+                return existing, False
+            reply_to = None
+            if reply_to_id is not None:
+                reply_to = Message.objects.filter(pk=reply_to_id, thread_id=thread_id).select_related("sender").first()
+                if reply_to is None:
+                    raise InvalidInput(fields={"reply_to": ["No such message in this thread."]})
+            seq = sequence_next(thread_id)
+            now = timezone.now()
+            message = Message.objects.create(
+                thread_id=thread_id,
+                sender=sender,
+                body=body,
+                body_html=render_body(body),
+                reply_to=reply_to,
+                client_msg_id=client_msg_id,
+                sequence=seq,
+            )
+            if attachment_ids:
+                from attachments.services import attachments_attach
+
+                attachments_attach(uploader=sender, message=message, attachment_ids=list(attachment_ids))
+            Thread.objects.filter(pk=thread_id).update(last_message_at=now)
+            # The sender has read their own message.
+            ThreadParticipant.objects.filter(thread_id=thread_id, user=sender).update(
+                last_read_sequence=Greatest(F("last_read_sequence"), seq),
+                last_delivered_sequence=Greatest(F("last_delivered_sequence"), seq),
+            )
+            message = message_get_with_relations(message_id=message.pk)
+            thread_event_record(
+                thread_id=thread_id,
+                type="message.created",
+                data={"message": events.message_payload(message)},
+                message_id=message.pk,
+                sequence=seq,
+            )
+            _notify_for_message(message=message, thread=access.thread)
+    except IntegrityError:
+        # A concurrent retry with the same client_msg_id in another thread's lock won the insert.
+        existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
+        if existing is None:
+            raise
+        return existing, False
+    return message, True
+
+
+def _notify_for_message(*, message: Message, thread: Thread) -> None:
+    """Notifications for mentions, replies to someone and direct messages (after commit)."""
+    kinds: dict[int, str] = {}
+    participants = ThreadParticipant.objects.filter(thread_id=thread.pk).exclude(user_id=message.sender_id)
+    if thread.kind == ThreadKind.DIRECT:
+        for uid in participants.filter(muted=False).values_list("user_id", flat=True):
+            kinds[uid] = NotificationKind.DIRECT
+    parent = message.reply_to
+    if (
+        parent is not None
+        and parent.sender_id != message.sender_id
+        and participants.filter(user_id=parent.sender_id).exists()
+    ):
+        kinds[parent.sender_id] = NotificationKind.REPLY
+    names = mentioned_usernames(message.body)
+    if names:
+        for uid in participants.filter(user__username__in=names).values_list("user_id", flat=True):
+            kinds[uid] = NotificationKind.MENTION
+    if not kinds:
+        return
+    rows = Notification.objects.bulk_create(
+        [
+            Notification(recipient_id=uid, kind=kind, thread_id=thread.pk, message=message, actor_id=message.sender_id)
+            for uid, kind in kinds.items()
+        ]
+    )
+    for row in rows:
+        user_event_on_commit(
+            user_id=row.recipient_id, type="notification", data=notification_payload(row, message=message)
+        )
+
+
+def notification_payload(notification: Notification, *, message: Message | None = None) -> dict[str, Any]:
+    message = message or notification.message
+    return {
+        "id": notification.pk,
+        "kind": notification.kind,
+        "thread_id": notification.thread_id,
+        "message_id": notification.message_id,
+        "seq": message.sequence,
+        "actor_id": notification.actor_id,
+        "excerpt": "" if message.is_deleted else message.body[:140],
+        "created_at": notification.created_at.isoformat() if notification.created_at else None,
+        "read_at": notification.read_at.isoformat() if notification.read_at else None,
+    }
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\s+|[^\s]+", text)
+
+
+def three_way_merge(*, base: str, current: str, mine: str) -> str | None:
+    """Merge two edits of ``base`` word by word (merge3); None when they touch the same words."""
+    merger = merge3.Merge3(_tokens(base), _tokens(current), _tokens(mine))
+    out: list[str] = []
+    for region in merger.merge_regions():
+        kind = region[0]
+        if kind == "conflict":
+            return None
+        if kind in ("unchanged", "same", "a"):
+            out.extend(merger.a[region[1] : region[2]] if kind != "unchanged" else merger.base[region[1] : region[2]])
+        elif kind == "b":
+            out.extend(merger.b[region[1] : region[2]])
+    return "".join(out)
+
+
+def message_edit(*, actor: User, message_id: int, body: str, expected_version: int) -> tuple[Message, bool]:
+    """Edit the author's own message, keeping history. Broadcasts ``message.updated``.
+
+    ``expected_version`` is the version the client edited. If another edit landed since,
+    the two are merged three-way (``merged`` True) when they do not overlap; otherwise
+    Conflict (409) carries the current message so the client can resolve it.
+    """
+    body = _check_body(body)
+    with transaction.atomic():
+        message, role = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.EDIT_OWN)
+        policy.check_message_author(
+            user=actor, author_id=message.sender_id, role=role, own=policy.Action.EDIT_OWN, other=None
+        )
+        message = Message.objects.select_for_update().get(pk=message.pk)
+        if message.is_deleted:
+            raise Conflict("The message was deleted.", reason="deleted")
+        merged = False
+        if expected_version != message.version:
+            if not 1 <= expected_version < message.version:
+                raise InvalidInput(fields={"version": [f"Unknown version {expected_version}."]})
+            base = (
+                MessageEdit.objects.filter(message=message, version=expected_version)
+                .values_list("previous_body", flat=True)
+                .first()
+            )
+            result = None if base is None else three_way_merge(base=base, current=message.body, mine=body)
+            if result is None:
+                current = events.message_payload(message_get_with_relations(message_id=message.pk))
+                raise Conflict(
+                    "The message was edited meanwhile and the edits overlap.", reason="edit_conflict", current=current
+                )
+            body, merged = _check_body(result), True
+        if body == message.body:
+            return message_get_with_relations(message_id=message.pk), merged
+        MessageEdit.objects.create(message=message, version=message.version, previous_body=message.body, editor=actor)
+        message.body = body
+        message.body_html = render_body(body)
+        message.version += 1
+        message.edited_at = timezone.now()
+        message.save(update_fields=["body", "body_html", "version", "edited_at"])
+        message = message_get_with_relations(message_id=message.pk)
+        thread_event_record(
+            thread_id=message.thread_id,
+            type="message.updated",
+            data={"message": events.message_payload(message), "merged": merged},
+            message_id=message.pk,
+        )
+    return message, merged
+
+
+def message_delete(*, actor: User, message_id: int) -> Message:
+    """Soft-delete: a tombstone stays, the body, reactions and files are gone. Broadcasts ``message.deleted``.
+
+    Authors delete their own; thread ADMIN/OWNER (and system ADMIN/OWNER) moderate anyone's.
+    Earlier events of the message are scrubbed so a resume never replays the old body.
+    """
+    with transaction.atomic():
+        message, role = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.DELETE_OWN)
+        policy.check_message_author(
+            user=actor,
+            author_id=message.sender_id,
+            role=role,
+            own=policy.Action.DELETE_OWN,
+            other=policy.Action.MODERATE,
+        )
+        message = Message.objects.select_for_update().get(pk=message.pk)
+        if message.is_deleted:
+            return message_get_with_relations(message_id=message.pk)
+        removed_body = message.body
+        message.deleted_at = timezone.now()
+        message.deleted_by = actor
+        message.body = ""
+        message.body_html = ""
+        message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html"])
+        Reaction.objects.filter(message=message).delete()
+        from attachments.services import attachments_revoke_for_message
+
+        attachments_revoke_for_message(message=message)
+        message = message_get_with_relations(message_id=message.pk)
+        tombstone = events.message_payload(message)
+        _scrub_events(message_id=message.pk, tombstone=tombstone)
+        thread_event_record(
+            thread_id=message.thread_id,
+            type="message.deleted",
+            data={"message": tombstone, "by": actor.pk},
+            message_id=message.pk,
+        )
+        if actor.pk != message.sender_id:
+            # Staff can restore a moderated message, so its text is kept in the (staff-only) audit log.
+            AuditEntry.record(
+                actor=actor,
+                action="message.moderate_delete",
+                target=message,
+                thread_id=message.thread_id,
+                body=removed_body,
+            )
+    return message
+
+
+def _scrub_events(*, message_id: int, tombstone: dict[str, Any]) -> None:
+    for event in ThreadEvent.objects.filter(message_id=message_id):
+        data = dict(event.payload.get("data", {}))
+        if "message" in data:
+            data["message"] = tombstone
+            event.payload = {**event.payload, "data": data}
+            event.save(update_fields=["payload"])
+    MessageEdit.objects.filter(message_id=message_id).update(previous_body="")
+
+
+@transaction.atomic
+def message_restore(*, actor: User, message_id: int) -> Message:
+    """Undo a moderator's delete (MODERATE), with the text kept in the audit log. Broadcasts ``message.updated``.
+
+    A message its author deleted is gone for good: Conflict.
+    """
+    message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.MODERATE)
+    message = Message.objects.select_for_update().get(pk=message.pk)
+    if not message.is_deleted:
+        return message
+    entry = (
+        AuditEntry.objects.filter(action="message.moderate_delete", target_type="Message", target_id=str(message.pk))
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    if entry is None or message.deleted_by_id == message.sender_id:
+        raise Conflict("Only a message removed by a moderator can be restored.", reason="not_restorable")
+    body = str(entry.data.get("body", ""))
+    message.deleted_at = None
+    message.deleted_by = None
+    message.body = body
+    message.body_html = render_body(body)
+    message.version += 1
+    message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html", "version"])
+    message = message_get_with_relations(message_id=message.pk)
+    thread_event_record(
+        thread_id=message.thread_id,
+        type="message.updated",
+        data={"message": events.message_payload(message), "merged": False},
+        message_id=message.pk,
+    )
+    AuditEntry.record(actor=actor, action="message.restore", target=message, thread_id=message.thread_id)
+    return message
+
+
+def _check_emoji(emoji: str) -> str:
+    emoji = (emoji or "").strip()
+    if not emoji or len(emoji) > MAX_EMOJI_LENGTH or any(ch.isspace() for ch in emoji) or "<" in emoji:
+        raise InvalidInput(fields={"emoji": ["One emoji (or :short_name:), at most 32 characters."]})
+    return emoji
+
+
+def _reaction_event(*, message: Message, type: str, actor: User, emoji: str) -> None:
+    reactions = list(Reaction.objects.filter(message=message))
+    thread_event_record(
+        thread_id=message.thread_id,
+        type=type,
+        data={
+            "message_id": message.pk,
+            "emoji": emoji,
+            "user_id": actor.pk,
+            "reactions": events.reactions_summary(reactions),
+        },
+        message_id=message.pk,
+    )
+
+
+def reaction_add(*, actor: User, message_id: int, emoji: str) -> bool:
+    """Add my reaction (idempotent: False if it was there). Broadcasts ``reaction.added``."""
+    emoji = _check_emoji(emoji)
+    with transaction.atomic():
+        message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.REACT)
+        if message.is_deleted:
+            raise Conflict("The message was deleted.", reason="deleted")
+        Thread.objects.select_for_update().filter(pk=message.thread_id).values_list("pk").get()
+        _, created = Reaction.objects.get_or_create(message=message, user=actor, emoji=emoji)
+        if created:
+            _reaction_event(message=message, type="reaction.added", actor=actor, emoji=emoji)
+    return created
+
+
+def reaction_remove(*, actor: User, message_id: int, emoji: str) -> bool:
+    """Remove my reaction (idempotent). Broadcasts ``reaction.removed``."""
+    emoji = _check_emoji(emoji)
+    with transaction.atomic():
+        message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.REACT)
+        Thread.objects.select_for_update().filter(pk=message.thread_id).values_list("pk").get()
+        deleted, _ = Reaction.objects.filter(message=message, user=actor, emoji=emoji).delete()
+        if deleted:
+            _reaction_event(message=message, type="reaction.removed", actor=actor, emoji=emoji)
+    return bool(deleted)
+
+
+def receipt_mark(
+    *, user: User, thread_id: int, read_up_to: int | None = None, delivered_up_to: int | None = None
+) -> ThreadParticipant:
+    """Move my read/delivered marks forward (never back). Broadcasts ``receipt`` when a mark moved.
+
+    Marks are per thread ("up to" a sequence), so a busy thread costs one row per reader.
+    """
+    access = thread_get_for_member(thread_id=thread_id, user=user)
+    if access.participant is None:
+        raise NotFound("You are not a participant of this thread.")
+    last = access.thread.last_sequence
+    read = min(int(read_up_to), last) if read_up_to is not None else None
+    delivered = min(int(delivered_up_to), last) if delivered_up_to is not None else None
+    if read is not None:
+        delivered = max(delivered or 0, read)
+    with transaction.atomic():
+        participant = ThreadParticipant.objects.select_for_update().get(pk=access.participant.pk)
+        changed: list[str] = []
+        if read is not None and read > participant.last_read_sequence:
+            participant.last_read_sequence = read
+            changed.append("last_read_sequence")
+        if delivered is not None and delivered > participant.last_delivered_sequence:
+            participant.last_delivered_sequence = delivered
+            changed.append("last_delivered_sequence")
+        if changed:
+            participant.save(update_fields=changed)
+            broadcast_on_commit(
+                group=thread_group(thread_id),
+                event={
+                    "type": "receipt",
+                    "thread_id": thread_id,
+                    "data": {
+                        "user_id": user.pk,
+                        "read": participant.last_read_sequence,
+                        "delivered": participant.last_delivered_sequence,
+                    },
+                },
+            )
+    return participant
+
+
+@transaction.atomic
+def notifications_mark_read(*, user: User, ids: Sequence[int] | None = None, thread_id: int | None = None) -> int:
+    """Mark my notifications read (some, those of a thread, or all). Returns how many changed."""
+    qs = Notification.objects.filter(recipient=user, read_at__isnull=True)
+    if ids is not None:
+        qs = qs.filter(pk__in=list(ids))
+    if thread_id is not None:
+        qs = qs.filter(thread_id=thread_id)
+    changed = list(qs.values_list("pk", flat=True))
+    if changed:
+        Notification.objects.filter(pk__in=changed).update(read_at=timezone.now())
+        user_event_on_commit(user_id=user.pk, type="notification.read", data={"ids": changed})
+    return len(changed)

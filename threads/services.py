@@ -1,0 +1,236 @@
+"""Writes for threads and participants. Each writes in a transaction and broadcasts after commit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import AuditEntry, User
+from chatapp.broadcast import thread_event_record, user_event_on_commit
+from chatapp.errors import InvalidInput, NotFound
+from threads import events, policy
+from threads.models import Thread, ThreadKind, ThreadParticipant, ThreadRole
+from threads.selectors import thread_get_for_member, thread_owner_count
+
+MAX_INITIAL_PARTICIPANTS = 500
+
+
+def _active_users(user_ids: Iterable[int]) -> list[User]:
+    ids = sorted({int(uid) for uid in user_ids})
+    users = list(User.objects.filter(pk__in=ids, is_active=True, deactivated_at__isnull=True))
+    missing = set(ids) - {u.pk for u in users}
+    if missing:
+        raise InvalidInput(
+            "Unknown or inactive users.", fields={"participant_ids": [f"Unknown user {sorted(missing)}"]}
+        )
+    return users
+
+
+def direct_key_for(a: int, b: int) -> str:
+    low, high = sorted((a, b))
+    return f"{low}:{high}"
+
+
+def thread_create(
+    *, creator: User, title: str = "", participant_ids: Iterable[int] = (), kind: str = ThreadKind.GROUP
+) -> tuple[Thread, bool]:
+    """Create a thread with its creator as OWNER and the others as MEMBERs.
+
+    A direct thread between two people is unique: asking again returns the existing one
+    (``created`` is False). Broadcasts ``thread.created`` to every participant after commit.
+    """
+    if not policy.is_usable(creator):
+        raise NotFound()
+    others = [u for u in _active_users(participant_ids) if u.pk != creator.pk]
+    if len(others) > MAX_INITIAL_PARTICIPANTS:
+        raise InvalidInput(fields={"participant_ids": [f"At most {MAX_INITIAL_PARTICIPANTS} participants."]})
+    title = title.strip()
+    direct_key = None
+    if kind == ThreadKind.DIRECT:
+        if len(others) != 1:
+            raise InvalidInput(fields={"participant_ids": ["A direct thread has exactly one other participant."]})
+        direct_key = direct_key_for(creator.pk, others[0].pk)
+        existing = Thread.objects.filter(direct_key=direct_key, deleted_at__isnull=True).first()
+        if existing is not None:
+            return existing, False
+    elif kind != ThreadKind.GROUP:
+        raise InvalidInput(fields={"kind": ["Must be DIRECT or GROUP."]})
+    try:
+        with transaction.atomic():
+            thread = Thread.objects.create(title=title, kind=kind, direct_key=direct_key, created_by=creator)
+            creator_role = ThreadRole.MEMBER if kind == ThreadKind.DIRECT else ThreadRole.OWNER
+            rows = [ThreadParticipant(thread=thread, user=creator, role=creator_role)]
+            rows += [ThreadParticipant(thread=thread, user=u, role=ThreadRole.MEMBER) for u in others]
+            ThreadParticipant.objects.bulk_create(rows)
+            participants = list(ThreadParticipant.objects.filter(thread=thread).select_related("user"))
+            thread_event_record(
+                thread_id=thread.pk,
+                type="thread.created",
+                data={
+                    "thread": events.thread_payload(thread),
+                    "participants": [events.participant_payload(p) for p in participants],
+                },
+            )
+            thread.refresh_from_db(fields=["last_sequence"])
+            for p in participants:
+                user_event_on_commit(
+                    user_id=p.user_id,
+                    type="thread.created",
+                    data={"thread": events.thread_payload(thread), "role": p.role},
+                )
+    except IntegrityError:
+        # Two people opened the same direct thread at once; the other transaction won.
+        existing = Thread.objects.filter(direct_key=direct_key, deleted_at__isnull=True).first()
+        if direct_key is None or existing is None:
+            raise
+        return existing, False
+    return thread, True
+
+
+@transaction.atomic
+def thread_rename(*, actor: User, thread_id: int, title: str) -> Thread:
+    """Rename (last write wins). Broadcasts ``thread.updated``."""
+    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.RENAME)
+    thread = access.thread
+    thread.title = title.strip()
+    thread.save(update_fields=["title", "updated_at"])
+    thread_event_record(
+        thread_id=thread.pk, type="thread.updated", data={"thread": events.thread_payload(thread), "by": actor.pk}
+    )
+    return thread
+
+
+@transaction.atomic
+def thread_delete(*, actor: User, thread_id: int) -> None:
+    """Soft-delete a thread (OWNER). Broadcasts ``thread.deleted`` to the thread and each member."""
+    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.DELETE_THREAD)
+    thread = access.thread
+    member_ids = list(ThreadParticipant.objects.filter(thread=thread).values_list("user_id", flat=True))
+    thread_event_record(thread_id=thread.pk, type="thread.deleted", data={"thread_id": thread.pk, "by": actor.pk})
+    thread.deleted_at = timezone.now()
+    thread.save(update_fields=["deleted_at", "updated_at"])
+    AuditEntry.record(actor=actor, action="thread.delete", target=thread, thread_id=thread.pk)
+    for uid in member_ids:
+        user_event_on_commit(user_id=uid, type="thread.deleted", data={"thread_id": thread.pk})
+
+
+@transaction.atomic
+def thread_archive_set(*, user: User, thread_id: int, archived: bool) -> ThreadParticipant:
+    """Archive or unarchive a thread for this user only. Notifies the user's other sockets."""
+    access = thread_get_for_member(thread_id=thread_id, user=user)
+    if access.participant is None:
+        raise NotFound("You are not a participant of this thread.")
+    participant = access.participant
+    participant.archived_at = timezone.now() if archived else None
+    participant.save(update_fields=["archived_at"])
+    user_event_on_commit(user_id=user.pk, type="thread.archived", data={"thread_id": thread_id, "archived": archived})
+    return participant
+
+
+@transaction.atomic
+def participant_add(*, actor: User, thread_id: int, user_id: int, role: str = ThreadRole.MEMBER) -> ThreadParticipant:
+    """Add a user (ADMIN+; only OWNERs grant ADMIN/OWNER). Broadcasts ``thread.participant_added``."""
+    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.ADD_MEMBER)
+    if role not in ThreadRole.values:
+        raise InvalidInput(fields={"role": [f"Must be one of {', '.join(ThreadRole.values)}."]})
+    policy.check_manage_target(actor_role=access.role, target_role=ThreadRole.MEMBER, new_role=role)
+    (user,) = _active_users([user_id])
+    participant, created = ThreadParticipant.objects.get_or_create(
+        thread=access.thread, user=user, defaults={"role": role}
+    )
+    if not created:
+        return participant
+    participant.user = user
+    thread_event_record(
+        thread_id=thread_id,
+        type="thread.participant_added",
+        data={"participant": events.participant_payload(participant), "by": actor.pk},
+    )
+    access.thread.refresh_from_db(fields=["last_sequence"])
+    user_event_on_commit(
+        user_id=user.pk, type="thread.created", data={"thread": events.thread_payload(access.thread), "role": role}
+    )
+    return participant
+
+
+def _participant_for_update(thread_id: int, user_id: int) -> ThreadParticipant:
+    participant = (
+        ThreadParticipant.objects.select_for_update()
+        .select_related("user")
+        .filter(thread_id=thread_id, user_id=user_id)
+        .first()
+    )
+    if participant is None:
+        raise NotFound("That user is not a participant.")
+    return participant
+
+
+def _remove(*, actor: User, participant: ThreadParticipant, reason: str) -> None:
+    thread_id = participant.thread_id
+    participant.delete()
+    thread_event_record(
+        thread_id=thread_id,
+        type="thread.participant_removed",
+        data={"user_id": participant.user_id, "by": actor.pk, "reason": reason},
+    )
+    # Every socket of the removed user drops the thread's group when this arrives.
+    user_event_on_commit(
+        user_id=participant.user_id, type="thread.removed", data={"thread_id": thread_id, "reason": reason}
+    )
+
+
+@transaction.atomic
+def participant_remove(*, actor: User, thread_id: int, user_id: int) -> None:
+    """Remove someone (ADMIN+; an ADMIN cannot remove an OWNER; never the last OWNER)."""
+    if user_id == actor.pk:
+        thread_leave(user=actor, thread_id=thread_id)
+        return
+    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.REMOVE_MEMBER)
+    target = _participant_for_update(thread_id, user_id)
+    policy.check_manage_target(actor_role=access.role, target_role=target.role)
+    policy.check_not_last_owner(owners=thread_owner_count(thread_id=thread_id), target_role=target.role)
+    _remove(actor=actor, participant=target, reason="removed")
+    AuditEntry.record(actor=actor, action="participant.remove", target=target.user, thread_id=thread_id)
+
+
+@transaction.atomic
+def thread_leave(*, user: User, thread_id: int) -> None:
+    """Leave a thread; the last OWNER must hand over first (409)."""
+    access = thread_get_for_member(thread_id=thread_id, user=user, action=policy.Action.LEAVE)
+    if access.participant is None:
+        raise NotFound("You are not a participant of this thread.")
+    target = _participant_for_update(thread_id, user.pk)
+    policy.check_not_last_owner(owners=thread_owner_count(thread_id=thread_id), target_role=target.role)
+    _remove(actor=user, participant=target, reason="left")
+
+
+@transaction.atomic
+def participant_change_role(*, actor: User, thread_id: int, user_id: int, role: str) -> ThreadParticipant:
+    """Change a thread role (OWNER). The last OWNER cannot be demoted. Broadcasts ``thread.role_changed``."""
+    if role not in ThreadRole.values:
+        raise InvalidInput(fields={"role": [f"Must be one of {', '.join(ThreadRole.values)}."]})
+    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.CHANGE_ROLE)
+    target = _participant_for_update(thread_id, user_id)
+    policy.check_manage_target(actor_role=access.role, target_role=target.role, new_role=role)
+    policy.check_not_last_owner(owners=thread_owner_count(thread_id=thread_id), target_role=target.role, new_role=role)
+    if target.role == role:
+        return target
+    previous = target.role
+    target.role = role
+    target.save(update_fields=["role"])
+    thread_event_record(
+        thread_id=thread_id,
+        type="thread.role_changed",
+        data={"user_id": user_id, "role": role, "previous": previous, "by": actor.pk},
+    )
+    AuditEntry.record(
+        actor=actor,
+        action="participant.role_change",
+        target=target.user,
+        thread_id=thread_id,
+        role=role,
+        previous=previous,
+    )
+    return target
