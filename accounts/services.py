@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from accounts.models import AuditEntry, SystemRole, User
 from chatapp.broadcast import user_event_on_commit
+from chatapp.cache import invalidate_on_commit
 from chatapp.errors import Forbidden, InvalidInput
 
 PREFERENCES_MAX_KEYS = 50
@@ -37,6 +38,7 @@ def user_update_profile(
         fields.append("preferences")
     if fields:
         user.save(update_fields=fields)
+        invalidate_on_commit("user", [user.pk])
         user_event_on_commit(user_id=user.pk, type="user.updated", data={"id": user.pk, "name": user.name})
     return user
 
@@ -53,6 +55,7 @@ def user_set_system_role(*, actor: User | None, user: User, role: str) -> User:
     user.is_staff = role in (SystemRole.OWNER, SystemRole.ADMIN)
     user.is_superuser = role == SystemRole.OWNER
     user.save(update_fields=["system_role", "is_staff", "is_superuser"])
+    invalidate_on_commit("user", [user.pk])
     AuditEntry.record(actor=actor, action="user.system_role", target=user, role=role, previous=previous)
     return user
 
@@ -85,6 +88,7 @@ def user_deactivate(*, actor: User | None, user: User, anonymise: bool = False, 
             "password",
         ]
     user.save(update_fields=fields)
+    invalidate_on_commit("user", [user.pk])
     from rest_framework.authtoken.models import Token
 
     Token.objects.filter(user=user).delete()
@@ -98,5 +102,6 @@ def user_reactivate(*, actor: User | None, user: User) -> User:
     user.is_active = True
     user.deactivated_at = None
     user.save(update_fields=["is_active", "deactivated_at"])
+    invalidate_on_commit("user", [user.pk])
     AuditEntry.record(actor=actor, action="user.reactivate", target=user)
     return user

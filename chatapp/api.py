@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+if TYPE_CHECKING:
+    from accounts.models import User
 
 
 class StrictSerializer(serializers.Serializer):
@@ -29,3 +34,78 @@ def parse(serializer_class: type[serializers.Serializer], data: Any, **kwargs: A
     serializer = serializer_class(data=data, **kwargs)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
+
+
+class ChatApiView(APIView):
+    """Base for every API view: authentication, then the rate limits, then the handler validates.
+
+    DRF runs ``perform_authentication`` and ``check_permissions`` before ``check_throttles``,
+    which is where the design's order puts the rate limit.
+    """
+
+    def check_throttles(self, request: Request) -> None:
+        from chatapp.ratelimit import api_rate_check
+
+        api_rate_check(request)
+        super().check_throttles(request)
+
+
+def int_param(request: Request, name: str, *, default: int | None = None, minimum: int | None = None) -> int | None:
+    """An optional integer query parameter; a malformed one is a 400 naming the field."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise serializers.ValidationError({name: ["Must be an integer."]}) from None
+    if minimum is not None and value < minimum:
+        raise serializers.ValidationError({name: [f"Must be at least {minimum}."]})
+    return value
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    fields = serializers.DictField(required=False)  # type: ignore[assignment]  # popped by the metaclass
+    retry_after = serializers.IntegerField(required=False)
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The one error shape of every failure."""
+
+    error = ErrorDetailSerializer()
+
+
+_ERROR_EXAMPLES = {
+    400: ("invalid", "Some fields are invalid."),
+    401: ("unauthenticated", "Authentication credentials were missing or invalid."),
+    403: ("forbidden", "Your role (MEMBER) cannot participant add."),
+    404: ("not_found", "Thread not found."),
+    409: ("conflict", "The resource changed; reload and try again."),
+    413: ("too_large", "A message body is limited to 100 KB."),
+    429: ("rate_limited", "Too many requests; slow down."),
+}
+
+
+def error_responses(*statuses: int) -> dict[int, Any]:
+    """drf-spectacular responses for the given error statuses (401 and 429 always apply)."""
+    from drf_spectacular.utils import OpenApiExample, OpenApiResponse
+
+    out: dict[int, Any] = {}
+    for status in sorted({401, 429, *statuses}):
+        code, message = _ERROR_EXAMPLES[status]
+        body: dict[str, Any] = {"code": code, "message": message}
+        if status == 400:
+            body["fields"] = {"body": ["Must not be empty."]}
+        if status == 429:
+            body["retry_after"] = 12
+        out[status] = OpenApiResponse(
+            ErrorSerializer, description=message, examples=[OpenApiExample(code, value={"error": body})]
+        )
+    return out
+
+
+def current_user(request: Request) -> User:
+    """The authenticated user (every ChatApiView requires authentication before the handler runs)."""
+    return cast("User", request.user)

@@ -2,6 +2,11 @@
 
 from django.urls import include, path
 
+from accounts.directory_api import UserSearchApi
+
 urlpatterns = [
     path("", include("accounts.urls")),
+    path("users", UserSearchApi.as_view(), name="user-search"),
+    path("", include("threads.urls")),
+    path("", include("messaging.urls")),
 ]

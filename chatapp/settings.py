@@ -299,6 +299,9 @@ CHAT_HEARTBEAT_SECONDS = 30
 CHAT_IDLE_TIMEOUT_SECONDS = env_int("CHATAPP_IDLE_TIMEOUT_SECONDS", 120)
 # Client IP comes from X-Forwarded-For only when it is set by this many trusted proxies.
 TRUSTED_PROXY_COUNT = env_int("CHATAPP_TRUSTED_PROXY_COUNT", 0)
+# General API budgets (django-ratelimit syntax), on top of the message-send budget.
+API_RATE_PER_USER = env_str("CHATAPP_API_RATE_PER_USER", "600/m")
+API_RATE_PER_IP = env_str("CHATAPP_API_RATE_PER_IP", "1200/m")
 
 # --- REST API -------------------------------------------------------------
 

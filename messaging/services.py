@@ -25,6 +25,7 @@ from chatapp.broadcast import (
     thread_group,
     user_event_on_commit,
 )
+from chatapp.cache import invalidate_on_commit
 from chatapp.errors import Conflict, InvalidInput, NotFound, TooLarge
 from messaging import events
 from messaging.models import Message, MessageEdit, Notification, NotificationKind, Reaction
@@ -258,6 +259,7 @@ def message_edit(*, actor: User, message_id: int, body: str, expected_version: i
         message.version += 1
         message.edited_at = timezone.now()
         message.save(update_fields=["body", "body_html", "version", "edited_at"])
+        _invalidate_message(message.pk)
         message = message_get_with_relations(message_id=message.pk)
         thread_event_record(
             thread_id=message.thread_id,
@@ -292,6 +294,7 @@ def message_delete(*, actor: User, message_id: int) -> Message:
         message.body = ""
         message.body_html = ""
         message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html"])
+        _invalidate_message(message.pk)
         Reaction.objects.filter(message=message).delete()
         from attachments.services import attachments_revoke_for_message
 
@@ -351,6 +354,7 @@ def message_restore(*, actor: User, message_id: int) -> Message:
     message.body_html = render_body(body)
     message.version += 1
     message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html", "version"])
+    _invalidate_message(message.pk)
     message = message_get_with_relations(message_id=message.pk)
     thread_event_record(
         thread_id=message.thread_id,
@@ -369,7 +373,14 @@ def _check_emoji(emoji: str) -> str:
     return emoji
 
 
+def _invalidate_message(message_id: int) -> None:
+    """A message's cached payload, and those of its replies (they quote it)."""
+    reply_ids = list(Message.objects.filter(reply_to_id=message_id).values_list("pk", flat=True))
+    invalidate_on_commit("message", [message_id, *reply_ids])
+
+
 def _reaction_event(*, message: Message, type: str, actor: User, emoji: str) -> None:
+    invalidate_on_commit("message", [message.pk])
     reactions = list(Reaction.objects.filter(message=message))
     thread_event_record(
         thread_id=message.thread_id,

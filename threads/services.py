@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from accounts.models import AuditEntry, User
 from chatapp.broadcast import thread_event_record, user_event_on_commit
+from chatapp.cache import invalidate_on_commit
 from chatapp.errors import InvalidInput, NotFound
 from threads import events, policy
 from threads.models import Thread, ThreadKind, ThreadParticipant, ThreadRole
@@ -96,6 +97,7 @@ def thread_rename(*, actor: User, thread_id: int, title: str) -> Thread:
     thread = access.thread
     thread.title = title.strip()
     thread.save(update_fields=["title", "updated_at"])
+    invalidate_on_commit("thread", [thread.pk])
     thread_event_record(
         thread_id=thread.pk, type="thread.updated", data={"thread": events.thread_payload(thread), "by": actor.pk}
     )
@@ -111,21 +113,35 @@ def thread_delete(*, actor: User, thread_id: int) -> None:
     thread_event_record(thread_id=thread.pk, type="thread.deleted", data={"thread_id": thread.pk, "by": actor.pk})
     thread.deleted_at = timezone.now()
     thread.save(update_fields=["deleted_at", "updated_at"])
+    invalidate_on_commit("thread", [thread.pk])
     AuditEntry.record(actor=actor, action="thread.delete", target=thread, thread_id=thread.pk)
     for uid in member_ids:
         user_event_on_commit(user_id=uid, type="thread.deleted", data={"thread_id": thread.pk})
 
 
 @transaction.atomic
-def thread_archive_set(*, user: User, thread_id: int, archived: bool) -> ThreadParticipant:
-    """Archive or unarchive a thread for this user only. Notifies the user's other sockets."""
+def participant_settings_update(
+    *, user: User, thread_id: int, archived: bool | None = None, muted: bool | None = None
+) -> ThreadParticipant:
+    """Archive/unarchive or mute/unmute a thread for this user only. Notifies the user's other sockets."""
     access = thread_get_for_member(thread_id=thread_id, user=user)
     if access.participant is None:
         raise NotFound("You are not a participant of this thread.")
     participant = access.participant
-    participant.archived_at = timezone.now() if archived else None
-    participant.save(update_fields=["archived_at"])
-    user_event_on_commit(user_id=user.pk, type="thread.archived", data={"thread_id": thread_id, "archived": archived})
+    fields = []
+    if archived is not None and archived != (participant.archived_at is not None):
+        participant.archived_at = timezone.now() if archived else None
+        fields.append("archived_at")
+    if muted is not None and muted != participant.muted:
+        participant.muted = muted
+        fields.append("muted")
+    if fields:
+        participant.save(update_fields=fields)
+        user_event_on_commit(
+            user_id=user.pk,
+            type="thread.membership_updated",
+            data={"thread_id": thread_id, "archived": participant.archived_at is not None, "muted": participant.muted},
+        )
     return participant
 
 

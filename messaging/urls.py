@@ -1,0 +1,18 @@
+from django.urls import path
+
+from messaging import api
+
+urlpatterns = [
+    path("threads/<int:thread_id>/messages", api.MessageListSendApi.as_view(), name="message-list"),
+    path("threads/<int:thread_id>/read", api.ReceiptMarkApi.as_view(mark="read"), name="thread-read"),
+    path("threads/<int:thread_id>/delivered", api.ReceiptMarkApi.as_view(mark="delivered"), name="thread-delivered"),
+    path("messages/<int:message_id>", api.MessageDetailApi.as_view(), name="message-detail"),
+    path("messages/<int:message_id>/edits", api.MessageEditsApi.as_view(), name="message-edits"),
+    path("messages/<int:message_id>/replies", api.MessageRepliesApi.as_view(), name="message-replies"),
+    path("messages/<int:message_id>/receipts", api.MessageReceiptsApi.as_view(), name="message-receipts"),
+    path("messages/<int:message_id>/reactions", api.ReactionApi.as_view(), name="reaction-add"),
+    path("messages/<int:message_id>/reactions/<str:emoji>", api.ReactionDeleteApi.as_view(), name="reaction-remove"),
+    path("notifications", api.NotificationListApi.as_view(), name="notification-list"),
+    path("notifications/read", api.NotificationReadApi.as_view(), name="notification-read"),
+    path("search", api.SearchApi.as_view(), name="search"),
+]
