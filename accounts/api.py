@@ -4,10 +4,9 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from accounts.services import user_update_profile
-from chatapp.api import StrictSerializer, parse
+from chatapp.api import ChatApiView, StrictSerializer, error_responses, parse
 
 
 class MeOutputSerializer(serializers.Serializer):
@@ -25,7 +24,7 @@ def me_payload(user: object) -> dict[str, object]:
     return dict(MeOutputSerializer(user).data)
 
 
-class MeApi(APIView):
+class MeApi(ChatApiView):
     """My profile and preferences. The role and staff flag cannot be changed here."""
 
     class InputSerializer(StrictSerializer):
@@ -33,11 +32,15 @@ class MeApi(APIView):
         avatar_url = serializers.URLField(max_length=500, required=False, allow_blank=True)
         preferences = serializers.DictField(required=False)
 
-    @extend_schema(responses=MeOutputSerializer)
+    @extend_schema(summary="My profile", responses={200: MeOutputSerializer, **error_responses()})
     def get(self, request: Request) -> Response:
         return Response(me_payload(request.user))
 
-    @extend_schema(request=InputSerializer, responses=MeOutputSerializer)
+    @extend_schema(
+        summary="Update my display name, avatar or preferences (never my role)",
+        request=InputSerializer,
+        responses={200: MeOutputSerializer, **error_responses(400)},
+    )
     def patch(self, request: Request) -> Response:
         data = parse(self.InputSerializer, request.data)
         user = user_update_profile(user=request.user, **data)  # type: ignore[arg-type]

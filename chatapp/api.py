@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 class StrictSerializer(serializers.Serializer):
     """An input serializer that refuses fields it does not declare (sender, sequence, role...)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Views nest their own ``InputSerializer``; name it after the view so schema components don't collide.
+        cls.__name__ = cls.__qualname__.replace(".", "")
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         initial = getattr(self, "initial_data", None)
         if isinstance(initial, dict):

@@ -1,8 +1,12 @@
 """Every /api/v1/ route, collected from the apps."""
 
-from django.urls import include, path
+from django.urls import include, path, register_converter
 
 from accounts.directory_api import UserSearchApi
+from chatapp.converters import IdConverter
+
+# Registered before the apps' url modules are imported by include() below.
+register_converter(IdConverter, "id")
 
 urlpatterns = [
     path("", include("accounts.urls")),

@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from chatapp import views
+from chatapp import schema, views  # noqa: F401 - schema registers OpenAPI extensions
 
 handler404 = "chatapp.errors.handler404"
 handler500 = "chatapp.errors.handler500"

@@ -1,4 +1,4 @@
-"""Threads and participants over REST: success, validation, non-member 404, roles, and the events each mutation sends."""
+"""Threads and participants over REST: success, validation, non-member 404, roles, and the events they send."""
 
 from __future__ import annotations
 

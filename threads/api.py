@@ -57,6 +57,7 @@ class ThreadListCreateApi(ChatApiView):
         )
 
     @extend_schema(
+        operation_id="threads_list",
         summary="List my threads",
         parameters=[
             OpenApiParameter("archived", bool, description="Archived threads instead of active ones"),
