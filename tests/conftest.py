@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from rest_framework.test import APIClient
@@ -114,15 +113,22 @@ def api() -> Callable[[User | None], APIClient]:
 
 
 class EventCapture:
-    """Listens on channel-layer groups like a socket would; events are JSON-decoded from the wire text."""
+    """Listens on channel-layer groups like a socket would; events are JSON-decoded from the wire text.
+
+    channels-redis binds a channel's receive queue to the event loop that first used it, so every
+    layer call of one capture runs on the capture's own loop.
+    """
 
     def __init__(self) -> None:
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
         self.layer = get_channel_layer()
-        self.channel = async_to_sync(self.layer.new_channel)()
+        self.channel = self.loop.run_until_complete(self.layer.new_channel())
         self.groups: list[str] = []
 
     def join(self, group: str) -> None:
-        async_to_sync(self.layer.group_add)(group, self.channel)
+        self.loop.run_until_complete(self.layer.group_add(group, self.channel))
         self.groups.append(group)
 
     def receive_all(self, timeout: float = 0.5) -> list[dict[str, Any]]:
@@ -137,11 +143,15 @@ class EventCapture:
                     return out
                 out.append(json.loads(message["text"]))
 
-        return async_to_sync(drain)()
+        return self.loop.run_until_complete(drain())
 
     def close(self) -> None:
         for group in self.groups:
-            async_to_sync(self.layer.group_discard)(group, self.channel)
+            self.loop.run_until_complete(self.layer.group_discard(group, self.channel))
+        flush = getattr(self.layer, "close_pools", None)
+        if flush is not None:
+            self.loop.run_until_complete(flush())
+        self.loop.close()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ response that breaks the schema, as a member and anonymously."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,8 +27,18 @@ CHECKS = (not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture
-def api_schema(db: None) -> Any:
-    return schemathesis.openapi.from_wsgi("/api/schema/", WSGIHandler())
+def api_schema(db: None) -> Iterator[Any]:
+    # Like Django's test client: keep the test's connection (and its transaction) across requests.
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield schemathesis.openapi.from_wsgi("/api/schema/", WSGIHandler())
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 @pytest.fixture
