@@ -1,0 +1,1370 @@
+/* chatapp web client: thread list, history, composer and the live socket.
+ *
+ * Everything the server sends is treated as data: text goes in with textContent, and the only
+ * HTML inserted is a message's "html", which the server renders through its one sanitiser.
+ * No inline scripts (the CSP forbids them): the page's config arrives as a JSON data block.
+ */
+(() => {
+  "use strict";
+
+  const config = JSON.parse(document.getElementById("chat-config").textContent);
+  const me = config.user;
+  const $ = (id) => document.getElementById(id);
+  const GROUP_WINDOW_MS = 5 * 60 * 1000;
+  const TYPING_THROTTLE_MS = 2000;
+  const QUICK_EMOJI = ["👍", "❤️", "😂", "🎉", "😮", "😢", "👀", "✅"];
+
+  // ---------------------------------------------------------------- state
+  const state = {
+    threads: new Map(), // id -> thread summary from the list endpoint (+ live updates)
+    archived: false,
+    nextCursor: null,
+    current: null, // open thread id
+    detail: null, // open thread's detail (participants, my role)
+    messages: new Map(), // thread id -> Map(seq -> message)
+    oldestReached: new Map(),
+    lastSeq: new Map(), // thread id -> highest event sequence applied (for resume)
+    pending: new Map(), // client_msg_id -> {threadId, body, replyTo, attachmentIds, status}
+    presence: new Map(), // user id -> bool
+    typing: new Map(), // thread id -> Map(user id -> {name, until})
+    replyTo: null,
+    uploads: [], // {file, id, progress, error, done}
+    loadingOlder: false,
+  };
+
+  // ---------------------------------------------------------------- utilities
+  function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children.flat()) {
+      if (child !== null && child !== undefined && child !== false) {
+        node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+      }
+    }
+    return node;
+  }
+
+  function cookie(name) {
+    const match = document.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function newClientId() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
+  }
+
+  function toast(text, kind = "info") {
+    const node = el("div", { class: "toast " + kind, role: kind === "error" ? "alert" : "status", text });
+    $("toasts").append(node);
+    setTimeout(() => node.remove(), 5000);
+  }
+
+  function fmtTime(iso) {
+    return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function fmtDay(iso) {
+    const d = new Date(iso);
+    const today = new Date();
+    const yesterday = new Date(Date.now() - 86400000);
+    if (d.toDateString() === today.toDateString()) return "Today";
+    if (d.toDateString() === yesterday.toDateString()) return "Yesterday";
+    return d.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+  }
+
+  function fmtSize(bytes) {
+    if (bytes < 1024) return bytes + " B";
+    if (bytes < 1024 * 1024) return (bytes / 1024).toFixed(1) + " KB";
+    return (bytes / 1024 / 1024).toFixed(1) + " MB";
+  }
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      super((body && body.error && body.error.message) || "Request failed (" + status + ")");
+      this.status = status;
+      this.body = body;
+    }
+  }
+
+  async function api(method, path, body) {
+    const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    if (method !== "GET") options.headers["X-CSRFToken"] = cookie("csrftoken");
+    const response = await fetch(config.api + path, options);
+    if (response.status === 204) return null;
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_) {
+      data = null;
+    }
+    if (!response.ok) throw new ApiError(response.status, data);
+    return data;
+  }
+
+  // ---------------------------------------------------------------- socket
+  class Socket {
+    constructor() {
+      this.ws = null;
+      this.attempt = 0;
+      this.requests = new Map(); // request id -> {resolve, reject}
+      this.nextId = 1;
+      this.heartbeat = null;
+      this.connected = false;
+      this.handlers = {};
+    }
+
+    on(type, handler) {
+      this.handlers[type] = handler;
+    }
+
+    connect() {
+      const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+      const ws = new WebSocket(scheme + "//" + location.host + config.ws_path, ["chatapp.v1"]);
+      ws.binaryType = "arraybuffer";
+      this.ws = ws;
+      ws.addEventListener("open", () => {
+        this.connected = true;
+        this.attempt = 0;
+        this.send({ type: "hello", compress: "DecompressionStream" in window ? "deflate-raw" : null }, false);
+        clearInterval(this.heartbeat);
+        this.heartbeat = setInterval(() => this.send({ type: "ping" }, false), config.heartbeat_seconds * 1000);
+        (this.handlers.open || (() => {}))();
+      });
+      ws.addEventListener("message", (event) => this.receive(event.data));
+      ws.addEventListener("close", (event) => {
+        this.connected = false;
+        clearInterval(this.heartbeat);
+        for (const { reject } of this.requests.values()) reject(new Error("connection closed"));
+        this.requests.clear();
+        (this.handlers.close || (() => {}))(event);
+        if (event.code === 4401 || event.code === 4403) return; // signed out or deactivated: don't retry
+        const delay = Math.min(30000, 500 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
+        this.attempt += 1;
+        (this.handlers.retry || (() => {}))(delay);
+        setTimeout(() => this.connect(), delay);
+      });
+    }
+
+    async receive(data) {
+      let text = data;
+      if (data instanceof ArrayBuffer) {
+        const stream = new Blob([data]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
+        text = await new Response(stream).text();
+      }
+      let frame;
+      try {
+        frame = JSON.parse(text);
+      } catch (_) {
+        return;
+      }
+      if ((frame.type === "ack" || frame.type === "error") && frame.id && this.requests.has(frame.id)) {
+        const { resolve, reject } = this.requests.get(frame.id);
+        this.requests.delete(frame.id);
+        if (frame.type === "ack") resolve(frame);
+        else reject(frame.error || frame);
+        return;
+      }
+      const handler = this.handlers[frame.type] || this.handlers["*"];
+      if (handler) handler(frame);
+    }
+
+    send(frame, expectAck = true) {
+      if (!this.connected) return Promise.reject(new Error("offline"));
+      if (!expectAck) {
+        this.ws.send(JSON.stringify(frame));
+        return Promise.resolve(null);
+      }
+      const id = "r" + this.nextId++;
+      frame.id = id;
+      return new Promise((resolve, reject) => {
+        this.requests.set(id, { resolve, reject });
+        this.ws.send(JSON.stringify(frame));
+        setTimeout(() => {
+          if (this.requests.has(id)) {
+            this.requests.delete(id);
+            reject(new Error("timeout"));
+          }
+        }, 15000);
+      });
+    }
+  }
+
+  const socket = new Socket();
+
+  // ---------------------------------------------------------------- outbox (survives reloads and offline)
+  const OUTBOX_KEY = "chatapp.outbox." + me.id;
+
+  function outboxLoad() {
+    try {
+      return JSON.parse(localStorage.getItem(OUTBOX_KEY) || "[]");
+    } catch (_) {
+      return [];
+    }
+  }
+
+  function outboxSave() {
+    const items = [...state.pending.values()].filter((p) => p.status !== "sent");
+    localStorage.setItem(OUTBOX_KEY, JSON.stringify(items));
+  }
+
+  async function flushOutbox() {
+    for (const item of [...state.pending.values()]) {
+      if (item.status === "queued" || item.status === "failed-retry") await deliver(item);
+    }
+  }
+
+  // ---------------------------------------------------------------- thread list
+  function threadName(thread) {
+    if (thread.kind === "DIRECT" && thread.other_user) return thread.other_user.name;
+    return thread.title || "Untitled conversation";
+  }
+
+  async function loadThreads(append = false) {
+    const params = new URLSearchParams({ limit: "50" });
+    if (state.archived) params.set("archived", "1");
+    if (append && state.nextCursor) params.set("cursor", state.nextCursor);
+    const page = await api("GET", "/threads?" + params);
+    if (!append) state.threads.clear();
+    for (const thread of page.threads) {
+      state.threads.set(thread.id, thread);
+      if (!state.lastSeq.has(thread.id)) state.lastSeq.set(thread.id, thread.last_sequence);
+      if (thread.other_user && state.presence.get(thread.other_user.id) === undefined) {
+        state.presence.set(thread.other_user.id, false);
+      }
+    }
+    state.nextCursor = page.next_cursor;
+    $("threads-more").hidden = !page.next_cursor;
+    renderThreadList();
+    if (socket.connected) subscribeAll();
+  }
+
+  function renderThreadList() {
+    const list = $("thread-list");
+    list.replaceChildren();
+    const threads = [...state.threads.values()]
+      .filter((t) => t.archived === state.archived)
+      .sort((a, b) => (b.last_activity_at || "").localeCompare(a.last_activity_at || "") || b.id - a.id);
+    for (const thread of threads) {
+      const last = thread.last_message;
+      const preview = last ? (last.deleted ? "Message deleted" : (last.sender.id === me.id ? "You: " : last.sender.name + ": ") + (last.body || "📎 attachment")) : "No messages yet";
+      const online = thread.other_user ? state.presence.get(thread.other_user.id) : null;
+      const item = el(
+        "li",
+        {
+          class: "thread-item" + (thread.id === state.current ? " active" : "") + (thread.unread_count ? " unread" : ""),
+          role: "option",
+          tabindex: "0",
+          "aria-selected": thread.id === state.current ? "true" : "false",
+          dataset: { threadId: String(thread.id) },
+          onclick: () => openThread(thread.id),
+          onkeydown: (e) => {
+            if (e.key === "Enter" || e.key === " ") {
+              e.preventDefault();
+              openThread(thread.id);
+            }
+          },
+        },
+        el("span", { class: "presence-dot" + (online ? " online" : ""), hidden: online === null, title: online ? "Online" : "Offline", "aria-label": online ? "online" : "offline" }),
+        el("span", { class: "thread-main" },
+          el("span", { class: "thread-name", text: threadName(thread) }),
+          el("span", { class: "thread-preview", text: preview.slice(0, 80) })),
+        thread.unread_count ? el("span", { class: "badge unread-badge", text: String(thread.unread_count), "aria-label": thread.unread_count + " unread" }) : null,
+      );
+      list.append(item);
+    }
+  }
+
+  // ---------------------------------------------------------------- history
+  function threadMessages(threadId) {
+    if (!state.messages.has(threadId)) state.messages.set(threadId, new Map());
+    return state.messages.get(threadId);
+  }
+
+  async function openThread(threadId, aroundSeq = null) {
+    state.current = threadId;
+    state.replyTo = null;
+    $("reply-preview").hidden = true;
+    $("empty-state").hidden = true;
+    $("thread-view").hidden = false;
+    document.body.classList.remove("show-sidebar");
+    renderThreadList();
+    const [detail, page] = await Promise.all([
+      api("GET", "/threads/" + threadId),
+      api("GET", "/threads/" + threadId + "/messages?limit=50" + (aroundSeq ? "&around=" + aroundSeq : "")),
+    ]);
+    if (state.current !== threadId) return;
+    state.detail = detail;
+    for (const p of detail.participants) state.presence.set(p.user.id, state.presence.get(p.user.id) || false);
+    const store = threadMessages(threadId);
+    store.clear();
+    for (const message of page.messages) store.set(message.seq, message);
+    state.oldestReached.set(threadId, page.oldest_reached);
+    if (!state.lastSeq.has(threadId) || state.lastSeq.get(threadId) < page.last_sequence) {
+      state.lastSeq.set(threadId, page.last_sequence);
+    }
+    renderHeader();
+    renderMessages({ stick: !aroundSeq });
+    if (aroundSeq) {
+      const target = document.querySelector('[data-seq="' + aroundSeq + '"]');
+      if (target) {
+        target.scrollIntoView({ block: "center" });
+        target.classList.add("highlight");
+      }
+    }
+    subscribe(threadId);
+    markRead(threadId);
+    $("input").focus();
+  }
+
+  function renderHeader() {
+    const detail = state.detail;
+    const summary = state.threads.get(detail.id);
+    const other = detail.kind === "DIRECT" ? detail.participants.find((p) => p.user.id !== me.id) : null;
+    $("thread-title").textContent = other ? other.user.name : detail.title || "Untitled conversation";
+    const online = detail.participants.filter((p) => state.presence.get(p.user.id)).length;
+    $("thread-sub").textContent = detail.participants.length + " members · " + online + " online";
+    $("archive-btn").textContent = summary && summary.archived ? "Unarchive" : "Archive";
+    $("members-btn").hidden = false;
+  }
+
+  async function loadOlder() {
+    const threadId = state.current;
+    if (!threadId || state.loadingOlder || state.oldestReached.get(threadId)) return;
+    const store = threadMessages(threadId);
+    const oldest = Math.min(...store.keys());
+    if (!Number.isFinite(oldest)) return;
+    state.loadingOlder = true;
+    const history = $("history");
+    const before = history.scrollHeight - history.scrollTop;
+    try {
+      const page = await api("GET", "/threads/" + threadId + "/messages?limit=50&before=" + oldest);
+      if (state.current !== threadId) return;
+      for (const message of page.messages) store.set(message.seq, message);
+      state.oldestReached.set(threadId, page.oldest_reached);
+      renderMessages({ stick: false });
+      history.scrollTop = history.scrollHeight - before;
+    } finally {
+      state.loadingOlder = false;
+    }
+  }
+
+  function seenBy(message) {
+    if (!state.detail) return { delivered: [], read: [] };
+    const others = state.detail.participants.filter((p) => p.user.id !== me.id);
+    return {
+      read: others.filter((p) => p.last_read_sequence >= message.seq),
+      delivered: others.filter((p) => Math.max(p.last_delivered_sequence, p.last_read_sequence) >= message.seq),
+      total: others.length,
+    };
+  }
+
+  function renderMessage(message, grouped) {
+    const mine = message.sender.id === me.id;
+    const li = el("li", {
+      class: "message" + (mine ? " mine" : "") + (grouped ? " grouped" : "") + (message.deleted ? " deleted" : "") + (message.pending ? " " + message.pending : ""),
+      dataset: { seq: message.seq ? String(message.seq) : "", id: message.id ? String(message.id) : "", cid: message.client_msg_id },
+      tabindex: "-1",
+    });
+    if (!grouped) {
+      li.append(
+        el("div", { class: "meta" },
+          el("span", { class: "sender", text: message.sender.name }),
+          el("time", { datetime: message.created_at, text: fmtTime(message.created_at) })),
+      );
+    }
+    if (message.reply_to) {
+      const quote = el("button", {
+        type: "button",
+        class: "quote",
+        text: message.reply_to.deleted ? "Reply to a deleted message" : "↪ " + message.reply_to.excerpt,
+        onclick: () => jumpTo(message.reply_to.seq),
+      });
+      li.append(quote);
+    }
+    const body = el("div", { class: "body" });
+    if (message.deleted) body.textContent = "This message was deleted.";
+    else if (message.pending) body.append(el("p", { text: message.body }));
+    else body.innerHTML = message.html; // sanitised by the server's one renderer
+    li.append(body);
+    if (!message.deleted && message.attachments && message.attachments.length) {
+      const files = el("div", { class: "attachments" });
+      for (const a of message.attachments) {
+        if (a.kind === "IMAGE" && a.thumbnail_url) {
+          files.append(el("a", { href: a.url, target: "_blank", rel: "noopener", class: "image-link" },
+            el("img", { src: a.thumbnail_url, alt: a.name, loading: "lazy", width: a.width ? Math.min(a.width, 320) : null })));
+        } else {
+          files.append(el("a", { href: a.url, class: "file-link", download: a.name, text: "📄 " + a.name + " (" + fmtSize(a.size) + ")" }));
+        }
+      }
+      li.append(files);
+    }
+    const footer = el("div", { class: "footer" });
+    if (message.edited_at && !message.deleted) {
+      footer.append(el("button", { type: "button", class: "edited link-btn", text: "(edited)", title: "Show edit history", onclick: () => showEditHistory(message) }));
+    }
+    if (!message.deleted && message.reactions) {
+      for (const reaction of message.reactions) {
+        const mineReacted = reaction.user_ids.includes(me.id);
+        footer.append(el("button", {
+          type: "button",
+          class: "reaction" + (mineReacted ? " mine" : ""),
+          "aria-pressed": mineReacted ? "true" : "false",
+          "aria-label": reaction.emoji + " " + reaction.count,
+          onclick: () => toggleReaction(message, reaction.emoji, mineReacted),
+        }, reaction.emoji + " " + reaction.count));
+      }
+    }
+    if (message.reply_count) {
+      footer.append(el("button", { type: "button", class: "link-btn replies-link", text: message.reply_count + (message.reply_count === 1 ? " reply" : " replies"), onclick: () => showReplies(message) }));
+    }
+    if (mine && !message.deleted) {
+      if (message.pending === "pending") footer.append(el("span", { class: "status", text: "Sending…" }));
+      else if (message.pending === "queued") footer.append(el("span", { class: "status", text: "Waiting for connection…" }));
+      else if (message.pending === "failed") {
+        footer.append(el("span", { class: "status error", text: "Not sent." }),
+          el("button", { type: "button", class: "link-btn retry", text: "Retry", onclick: () => retry(message.client_msg_id) }));
+      } else {
+        const seen = seenBy(message);
+        const label = seen.total && seen.read.length === seen.total ? "Seen" : seen.delivered.length ? "Delivered" : "Sent";
+        footer.append(el("span", {
+          class: "status receipt " + label.toLowerCase(),
+          title: seen.read.length ? "Seen by " + seen.read.map((p) => p.user.name).join(", ") : label,
+          text: label === "Sent" ? "✓" : "✓✓",
+          "aria-label": label + (seen.read.length ? " by " + seen.read.map((p) => p.user.name).join(", ") : ""),
+        }));
+      }
+    }
+    li.append(footer);
+    if (!message.deleted && !message.pending) li.append(messageActions(message, mine));
+    return li;
+  }
+
+  function messageActions(message, mine) {
+    const actions = el("div", { class: "actions", role: "toolbar", "aria-label": "Message actions" });
+    actions.append(
+      el("button", { type: "button", class: "icon-btn", title: "React", "aria-label": "React", onclick: (e) => openEmojiPicker(e.currentTarget, message) }, "☺"),
+      el("button", { type: "button", class: "icon-btn", title: "Reply", "aria-label": "Reply", onclick: () => startReply(message) }, "↩"),
+    );
+    if (mine) actions.append(el("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": "Edit", onclick: () => startEdit(message) }, "✎"));
+    const canModerate = state.detail && (state.detail.my_role === "ADMIN" || state.detail.my_role === "OWNER");
+    if (mine || canModerate) {
+      actions.append(el("button", { type: "button", class: "icon-btn", title: "Delete", "aria-label": "Delete", onclick: () => deleteMessage(message) }, "🗑"));
+    }
+    return actions;
+  }
+
+  function renderMessages({ stick }) {
+    const threadId = state.current;
+    const history = $("history");
+    const atBottom = history.scrollHeight - history.scrollTop - history.clientHeight < 80;
+    const list = $("messages");
+    list.replaceChildren();
+    const stored = [...threadMessages(threadId).values()].sort((a, b) => a.seq - b.seq);
+    const pending = [...state.pending.values()]
+      .filter((p) => p.threadId === threadId && p.status !== "sent")
+      .map((p) => ({
+        client_msg_id: p.clientMsgId,
+        body: p.body,
+        sender: { id: me.id, name: me.name },
+        created_at: p.createdAt,
+        pending: p.status === "failed" ? "failed" : p.status === "queued" ? "queued" : "pending",
+        reactions: [],
+        attachments: [],
+        reply_to: null,
+      }));
+    $("history-top").textContent = state.oldestReached.get(threadId) ? "This is the start of the conversation." : "";
+    let previous = null;
+    for (const message of [...stored, ...pending]) {
+      const day = fmtDay(message.created_at);
+      if (!previous || fmtDay(previous.created_at) !== day) {
+        list.append(el("li", { class: "day-separator", role: "separator", text: day }));
+        previous = null;
+      }
+      const grouped = previous && previous.sender.id === message.sender.id && !message.reply_to &&
+        new Date(message.created_at) - new Date(previous.created_at) < GROUP_WINDOW_MS;
+      list.append(renderMessage(message, grouped));
+      previous = message;
+    }
+    if (stick || atBottom) history.scrollTop = history.scrollHeight;
+  }
+
+  function jumpTo(seq) {
+    const node = document.querySelector('[data-seq="' + seq + '"]');
+    if (node) {
+      node.scrollIntoView({ block: "center" });
+      node.classList.add("highlight");
+      setTimeout(() => node.classList.remove("highlight"), 2000);
+    } else {
+      openThread(state.current, seq);
+    }
+  }
+
+  // ---------------------------------------------------------------- sending
+  function startReply(message) {
+    state.replyTo = message;
+    $("reply-text").textContent = "Replying to " + message.sender.name + ": " + (message.body || "").slice(0, 80);
+    $("reply-preview").hidden = false;
+    $("input").focus();
+  }
+
+  async function send() {
+    const input = $("input");
+    const body = input.value;
+    const ready = state.uploads.filter((u) => u.done && u.id);
+    if (!state.current || (!body.trim() && !ready.length)) return;
+    if (state.uploads.some((u) => !u.done && !u.error)) {
+      toast("Wait for the uploads to finish.");
+      return;
+    }
+    if (new Blob([body]).size > config.max_message_bytes) {
+      toast("A message is limited to " + Math.round(config.max_message_bytes / 1024) + " KB.", "error");
+      return;
+    }
+    const item = {
+      clientMsgId: newClientId(),
+      threadId: state.current,
+      body,
+      replyTo: state.replyTo ? state.replyTo.id : null,
+      attachmentIds: ready.map((u) => u.id),
+      createdAt: new Date().toISOString(),
+      status: "pending",
+    };
+    state.pending.set(item.clientMsgId, item);
+    outboxSave();
+    input.value = "";
+    autoGrow();
+    state.uploads = [];
+    renderUploads();
+    state.replyTo = null;
+    $("reply-preview").hidden = true;
+    stopTyping();
+    renderMessages({ stick: true });
+    await deliver(item);
+  }
+
+  async function deliver(item) {
+    if (!socket.connected) {
+      item.status = "queued";
+      outboxSave();
+      if (item.threadId === state.current) renderMessages({ stick: false });
+      return;
+    }
+    item.status = "pending";
+    try {
+      const ack = await socket.send({
+        type: "message.send",
+        thread_id: item.threadId,
+        body: item.body,
+        client_msg_id: item.clientMsgId,
+        reply_to: item.replyTo,
+        attachment_ids: item.attachmentIds,
+      });
+      item.status = "sent";
+      item.seq = ack && (ack.seq || (ack.data && ack.data.seq));
+      state.pending.delete(item.clientMsgId);
+    } catch (error) {
+      if (error && error.message && (error.message === "offline" || error.message === "connection closed" || error.message === "timeout")) {
+        item.status = "queued"; // sent again on reconnect; the client_msg_id makes it once
+      } else {
+        item.status = "failed";
+        toast((error && error.message) || "The message could not be sent.", "error");
+      }
+    }
+    outboxSave();
+    if (item.threadId === state.current) renderMessages({ stick: false });
+  }
+
+  function retry(clientMsgId) {
+    const item = state.pending.get(clientMsgId);
+    if (item) deliver(item);
+  }
+
+  // ---------------------------------------------------------------- editing, deleting, reactions
+  function startEdit(message) {
+    const node = document.querySelector('[data-id="' + message.id + '"]');
+    if (!node) return;
+    const body = node.querySelector(".body");
+    const area = el("textarea", { class: "edit-box", rows: "3", "aria-label": "Edit message" });
+    area.value = message.body;
+    const save = el("button", { type: "button", class: "primary", text: "Save" });
+    const cancel = el("button", { type: "button", text: "Cancel" });
+    const form = el("div", { class: "edit-form" }, area, el("div", { class: "edit-actions" }, cancel, save));
+    body.replaceWith(form);
+    area.focus();
+    cancel.addEventListener("click", () => renderMessages({ stick: false }));
+    const submit = () => saveEdit(message, area.value, message.version);
+    save.addEventListener("click", submit);
+    area.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey) {
+        e.preventDefault();
+        submit();
+      } else if (e.key === "Escape") renderMessages({ stick: false });
+    });
+  }
+
+  async function saveEdit(message, text, version) {
+    try {
+      const result = await api("PATCH", "/messages/" + message.id, { body: text, version });
+      applyMessage(result.message);
+      if (result.merged) toast("Your edit was merged with a newer one.");
+    } catch (error) {
+      if (error.status === 409 && error.body.error.current) {
+        showConflict(error.body.error.current, text);
+      } else {
+        toast(error.message, "error");
+        renderMessages({ stick: false });
+      }
+    }
+  }
+
+  function showConflict(current, mine) {
+    const dialog = $("conflict-dialog");
+    $("cf-current").value = current.body;
+    $("cf-mine").value = mine;
+    $("cf-keep").onclick = () => {
+      dialog.close();
+      applyMessage(current);
+    };
+    $("cf-save").onclick = async () => {
+      dialog.close();
+      await saveEdit(current, $("cf-mine").value, current.version);
+    };
+    dialog.showModal();
+  }
+
+  async function showEditHistory(message) {
+    const data = await api("GET", "/messages/" + message.id + "/edits");
+    const list = $("edit-history");
+    list.replaceChildren();
+    for (const v of data.versions) {
+      list.append(el("li", {}, el("strong", { text: "Version " + v.version }), " ", el("time", { text: new Date(v.replaced_at).toLocaleString() }), el("pre", { text: v.body })));
+    }
+    list.append(el("li", {}, el("strong", { text: "Current (version " + data.current.version + ")" }), el("pre", { text: data.current.body })));
+    $("history-dialog").showModal();
+  }
+
+  async function showReplies(message) {
+    const data = await api("GET", "/messages/" + message.id + "/replies");
+    const list = $("replies-list");
+    list.replaceChildren(renderMessage(data.parent, false), ...data.replies.map((r) => renderMessage(r, false)));
+    for (const node of list.querySelectorAll(".actions")) node.remove();
+    $("replies-dialog").showModal();
+  }
+
+  async function deleteMessage(message) {
+    if (!confirm("Delete this message for everyone?")) return;
+    try {
+      const result = await socket.send({ type: "message.delete", message_id: message.id }).catch(() => api("DELETE", "/messages/" + message.id));
+      if (result && result.id && result.deleted) applyMessage(result);
+    } catch (error) {
+      toast(error.message || "Could not delete.", "error");
+    }
+  }
+
+  async function toggleReaction(message, emoji, mine) {
+    const frame = { type: mine ? "reaction.remove" : "reaction.add", message_id: message.id, emoji };
+    try {
+      await socket.send(frame);
+    } catch (_) {
+      try {
+        const updated = mine
+          ? await api("DELETE", "/messages/" + message.id + "/reactions/" + encodeURIComponent(emoji))
+          : await api("POST", "/messages/" + message.id + "/reactions", { emoji });
+        applyMessage(updated);
+      } catch (error) {
+        toast(error.message, "error");
+      }
+    }
+  }
+
+  function openEmojiPicker(anchor, message) {
+    const picker = $("emoji-picker");
+    picker.replaceChildren(...QUICK_EMOJI.map((emoji) => el("button", {
+      type: "button", role: "menuitem", class: "emoji", text: emoji, "aria-label": "React with " + emoji,
+      onclick: () => {
+        picker.hidden = true;
+        const mineReacted = (message.reactions || []).some((r) => r.emoji === emoji && r.user_ids.includes(me.id));
+        toggleReaction(message, emoji, mineReacted);
+      },
+    })));
+    const rect = anchor.getBoundingClientRect();
+    picker.style.top = Math.max(8, rect.top - 48) + "px";
+    picker.style.left = Math.max(8, Math.min(window.innerWidth - 320, rect.left - 100)) + "px";
+    picker.hidden = false;
+    picker.querySelector("button").focus();
+  }
+
+  // ---------------------------------------------------------------- live events
+  function applyMessage(message) {
+    const store = threadMessages(message.thread_id);
+    const old = store.get(message.seq);
+    store.set(message.seq, message);
+    if (message.client_msg_id && message.sender.id === me.id) {
+      const pending = state.pending.get(message.client_msg_id);
+      if (pending) {
+        state.pending.delete(message.client_msg_id);
+        outboxSave();
+      }
+    }
+    const thread = state.threads.get(message.thread_id);
+    if (thread && (!thread.last_message || thread.last_message.seq <= message.seq)) {
+      thread.last_message = message;
+      if (!old) thread.last_activity_at = message.created_at;
+    }
+    if (message.thread_id === state.current) renderMessages({ stick: false });
+    renderThreadList();
+  }
+
+  function onThreadEvent(frame) {
+    const threadId = frame.thread_id;
+    if (frame.seq) {
+      const last = state.lastSeq.get(threadId) || 0;
+      if (frame.seq <= last && frame.type === "message.created" && threadMessages(threadId).has(frame.seq)) return;
+      state.lastSeq.set(threadId, Math.max(last, frame.seq));
+    }
+    const data = frame.data || {};
+    switch (frame.type) {
+      case "message.created": {
+        const message = data.message;
+        const isNew = !threadMessages(threadId).has(message.seq);
+        applyMessage(message);
+        const thread = state.threads.get(threadId);
+        if (isNew && message.sender.id !== me.id) {
+          clearTyping(threadId, message.sender.id);
+          if (threadId === state.current && !document.hidden) markRead(threadId);
+          else {
+            if (thread) thread.unread_count = (thread.unread_count || 0) + 1;
+            queueReceipt(threadId, "delivered", message.seq);
+          }
+          renderThreadList();
+        }
+        if (!thread) loadThreads();
+        break;
+      }
+      case "message.updated":
+      case "message.deleted":
+        applyMessage(data.message);
+        break;
+      case "reaction.added":
+      case "reaction.removed": {
+        for (const store of [threadMessages(threadId)]) {
+          for (const message of store.values()) {
+            if (message.id === data.message_id) message.reactions = data.reactions;
+          }
+        }
+        if (threadId === state.current) renderMessages({ stick: false });
+        break;
+      }
+      case "thread.updated": {
+        const thread = state.threads.get(threadId);
+        if (thread) thread.title = data.thread.title;
+        if (state.detail && state.detail.id === threadId) state.detail.title = data.thread.title;
+        renderThreadList();
+        if (threadId === state.current) renderHeader();
+        break;
+      }
+      case "thread.participant_added":
+      case "thread.participant_removed":
+      case "thread.role_changed":
+        if (threadId === state.current) refreshDetail();
+        break;
+      case "thread.deleted":
+        dropThread(threadId, "This conversation was deleted.");
+        break;
+      default:
+        break;
+    }
+  }
+
+  function dropThread(threadId, why) {
+    state.threads.delete(threadId);
+    state.messages.delete(threadId);
+    if (state.current === threadId) {
+      state.current = null;
+      $("thread-view").hidden = true;
+      $("empty-state").hidden = false;
+      toast(why);
+    }
+    renderThreadList();
+  }
+
+  async function refreshDetail() {
+    if (!state.current) return;
+    try {
+      state.detail = await api("GET", "/threads/" + state.current);
+      renderHeader();
+      renderMessages({ stick: false });
+    } catch (error) {
+      if (error.status === 404) dropThread(state.current, "You are no longer in this conversation.");
+    }
+  }
+
+  function onReceipt(frame) {
+    const data = frame.data || frame;
+    if (!state.detail || state.detail.id !== frame.thread_id) return;
+    const p = state.detail.participants.find((x) => x.user.id === data.user_id);
+    if (!p) return;
+    p.last_read_sequence = Math.max(p.last_read_sequence, data.read || 0);
+    p.last_delivered_sequence = Math.max(p.last_delivered_sequence, data.delivered || 0);
+    renderMessages({ stick: false });
+  }
+
+  function onTyping(frame) {
+    const data = frame.data || frame;
+    const threadId = frame.thread_id || data.thread_id;
+    const userId = data.user_id || (data.user && data.user.id);
+    if (userId === me.id) return;
+    if (!state.typing.has(threadId)) state.typing.set(threadId, new Map());
+    const map = state.typing.get(threadId);
+    if (data.typing === false || data.state === "stop") map.delete(userId);
+    else {
+      const name = data.name || (data.user && data.user.name) || "Someone";
+      map.set(userId, { name, until: Date.now() + (data.expires_in || 6) * 1000 });
+    }
+    renderTyping();
+  }
+
+  function clearTyping(threadId, userId) {
+    const map = state.typing.get(threadId);
+    if (map) map.delete(userId);
+    renderTyping();
+  }
+
+  function renderTyping() {
+    const map = state.typing.get(state.current);
+    const now = Date.now();
+    const names = map ? [...map.entries()].filter(([, v]) => v.until > now).map(([, v]) => v.name) : [];
+    $("typing").textContent = names.length === 0 ? "" : names.length === 1 ? names[0] + " is typing…" : names.join(", ") + " are typing…";
+  }
+  setInterval(renderTyping, 1000);
+
+  function onPresence(frame) {
+    const data = frame.data || frame;
+    const userId = data.user_id || (data.user && data.user.id);
+    const online = data.online !== undefined ? data.online : data.status === "online";
+    if (userId !== undefined) state.presence.set(userId, !!online);
+    if (Array.isArray(data.users)) {
+      for (const u of data.users) state.presence.set(u.user_id || u.id, !!(u.online !== undefined ? u.online : u.status === "online"));
+    }
+    renderThreadList();
+    if (state.detail) renderHeader();
+  }
+
+  function onNotification(frame) {
+    const data = frame.data || frame;
+    const count = $("notif-count");
+    count.hidden = false;
+    count.textContent = String((parseInt(count.textContent, 10) || 0) + 1);
+    const thread = state.threads.get(data.thread_id);
+    if (document.hidden && "Notification" in window && Notification.permission === "granted") {
+      const title = data.kind === "MENTION" ? "You were mentioned" : data.kind === "REPLY" ? "New reply" : "New direct message";
+      const note = new Notification(title, { body: (thread ? threadName(thread) + ": " : "") + (data.excerpt || ""), tag: "chat-" + data.id });
+      note.onclick = () => {
+        window.focus();
+        openThread(data.thread_id, data.seq);
+      };
+    }
+  }
+
+  // ---------------------------------------------------------------- subscriptions and receipts
+  function subscribe(threadId) {
+    if (!socket.connected) return Promise.resolve();
+    const lastSeq = state.lastSeq.has(threadId) ? state.lastSeq.get(threadId) : null;
+    return socket.send({ type: "subscribe", thread_id: threadId, last_seq: lastSeq }).catch((error) => {
+      if (error && error.code === "not_found") dropThread(threadId, "You are no longer in this conversation.");
+    });
+  }
+
+  function subscribeAll() {
+    for (const threadId of state.threads.keys()) subscribe(threadId);
+    if (state.current && !state.threads.has(state.current)) subscribe(state.current);
+  }
+
+  const receiptQueue = new Map(); // thread id -> {read, delivered}
+  let receiptTimer = null;
+
+  function queueReceipt(threadId, kind, seq) {
+    const entry = receiptQueue.get(threadId) || {};
+    entry[kind] = Math.max(entry[kind] || 0, seq);
+    receiptQueue.set(threadId, entry);
+    if (!receiptTimer) receiptTimer = setTimeout(flushReceipts, 800);
+  }
+
+  function flushReceipts() {
+    receiptTimer = null;
+    for (const [threadId, entry] of receiptQueue) {
+      if (entry.read) socket.send({ type: "read", thread_id: threadId, seq: entry.read }, false).catch(() => {});
+      else if (entry.delivered) socket.send({ type: "delivered", thread_id: threadId, seq: entry.delivered }, false).catch(() => {});
+    }
+    receiptQueue.clear();
+  }
+
+  function markRead(threadId) {
+    const store = threadMessages(threadId);
+    const newest = Math.max(0, ...store.keys());
+    if (newest > 0) {
+      if (socket.connected) queueReceipt(threadId, "read", newest);
+      else api("POST", "/threads/" + threadId + "/read", { seq: newest }).catch(() => {});
+    }
+    const thread = state.threads.get(threadId);
+    if (thread && thread.unread_count) {
+      thread.unread_count = 0;
+      renderThreadList();
+    }
+  }
+
+  // ---------------------------------------------------------------- typing out
+  let lastTypingSent = 0;
+  let typingStopTimer = null;
+
+  function typingActivity() {
+    if (!state.current || !socket.connected) return;
+    const now = Date.now();
+    if (now - lastTypingSent > TYPING_THROTTLE_MS) {
+      lastTypingSent = now;
+      socket.send({ type: "typing.start", thread_id: state.current }, false).catch(() => {});
+    }
+    clearTimeout(typingStopTimer);
+    typingStopTimer = setTimeout(stopTyping, 4000);
+  }
+
+  function stopTyping() {
+    clearTimeout(typingStopTimer);
+    if (lastTypingSent && state.current && socket.connected) {
+      socket.send({ type: "typing.stop", thread_id: state.current }, false).catch(() => {});
+    }
+    lastTypingSent = 0;
+  }
+
+  // ---------------------------------------------------------------- mentions
+  let mentionQuery = null;
+  let mentionTimer = null;
+
+  function checkMention() {
+    const input = $("input");
+    const upto = input.value.slice(0, input.selectionStart);
+    const match = upto.match(/(?:^|\s)@([\w.+-]{0,30})$/);
+    if (!match) {
+      $("mention-list").hidden = true;
+      mentionQuery = null;
+      return;
+    }
+    mentionQuery = match[1];
+    clearTimeout(mentionTimer);
+    mentionTimer = setTimeout(async () => {
+      const members = state.detail ? state.detail.participants.map((p) => p.user).filter((u) => u.id !== me.id) : [];
+      const q = mentionQuery.toLowerCase();
+      const found = members.filter((u) => u.username.toLowerCase().startsWith(q) || u.name.toLowerCase().startsWith(q)).slice(0, 8);
+      const list = $("mention-list");
+      list.replaceChildren(...found.map((u, i) => el("li", {
+        role: "option", tabindex: "-1", class: i === 0 ? "active" : "", dataset: { username: u.username },
+        onmousedown: (e) => {
+          e.preventDefault();
+          insertMention(u.username);
+        },
+      }, el("strong", { text: "@" + u.username }), " ", u.name)));
+      list.hidden = found.length === 0;
+    }, 80);
+  }
+
+  function insertMention(username) {
+    const input = $("input");
+    const pos = input.selectionStart;
+    const before = input.value.slice(0, pos).replace(/@([\w.+-]{0,30})$/, "@" + username + " ");
+    input.value = before + input.value.slice(pos);
+    input.selectionStart = input.selectionEnd = before.length;
+    $("mention-list").hidden = true;
+    input.focus();
+  }
+
+  // ---------------------------------------------------------------- attachments
+  function renderUploads() {
+    const list = $("uploads");
+    list.replaceChildren(...state.uploads.map((u, index) => el("li", { class: "upload" + (u.error ? " error" : u.done ? " done" : "") },
+      el("span", { text: u.file.name }),
+      u.error ? el("span", { class: "error", text: " " + u.error }) : el("progress", { max: "100", value: String(u.progress), "aria-label": "Upload progress" }),
+      el("button", { type: "button", class: "icon-btn", "aria-label": "Remove " + u.file.name, onclick: () => { state.uploads.splice(index, 1); renderUploads(); } }, "✕"))));
+  }
+
+  function uploadFiles(files) {
+    if (!state.current) return;
+    for (const file of files) {
+      const entry = { file, id: null, progress: 0, error: null, done: false };
+      state.uploads.push(entry);
+      const form = new FormData();
+      form.append("file", file, file.name);
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", config.api + "/threads/" + state.current + "/attachments");
+      xhr.setRequestHeader("X-CSRFToken", cookie("csrftoken"));
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.upload.addEventListener("progress", (e) => {
+        if (e.lengthComputable) {
+          entry.progress = Math.round((e.loaded / e.total) * 100);
+          renderUploads();
+        }
+      });
+      xhr.addEventListener("load", () => {
+        let body = null;
+        try {
+          body = JSON.parse(xhr.responseText);
+        } catch (_) {
+          body = null;
+        }
+        if (xhr.status >= 200 && xhr.status < 300 && body) {
+          entry.id = body.id;
+          entry.done = true;
+          entry.progress = 100;
+        } else {
+          entry.error = (body && body.error && body.error.message) || "Upload failed (" + xhr.status + ")";
+        }
+        renderUploads();
+      });
+      xhr.addEventListener("error", () => {
+        entry.error = "Upload failed.";
+        renderUploads();
+      });
+      xhr.send(form);
+    }
+    renderUploads();
+  }
+
+  // ---------------------------------------------------------------- dialogs: new thread, members
+  function peoplePicker(inputId, resultsId, onPick) {
+    let timer = null;
+    $(inputId).addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(async () => {
+        const q = $(inputId).value.trim();
+        const data = await api("GET", "/users?q=" + encodeURIComponent(q));
+        $(resultsId).replaceChildren(...data.users.map((u) => el("li", {},
+          el("button", { type: "button", class: "person", onclick: () => onPick(u) }, el("strong", { text: u.name }), " @" + u.username))));
+      }, 150);
+    });
+  }
+
+  const chosen = new Map();
+
+  function renderChosen() {
+    $("nt-chosen").replaceChildren(...[...chosen.values()].map((u) => el("li", { class: "chip" }, u.name,
+      el("button", { type: "button", class: "icon-btn", "aria-label": "Remove " + u.name, onclick: () => { chosen.delete(u.id); renderChosen(); } }, "✕"))));
+  }
+
+  async function createThread(event) {
+    event.preventDefault();
+    const ids = [...chosen.keys()];
+    if (!ids.length) {
+      $("nt-error").textContent = "Pick at least one person.";
+      return;
+    }
+    const kind = ids.length === 1 && !$("nt-name").value.trim() ? "DIRECT" : "GROUP";
+    try {
+      const thread = await api("POST", "/threads", { title: $("nt-name").value.trim(), kind, participant_ids: ids });
+      $("new-thread-dialog").close();
+      chosen.clear();
+      renderChosen();
+      await loadThreads();
+      openThread(thread.id);
+    } catch (error) {
+      $("nt-error").textContent = error.message;
+    }
+  }
+
+  function renderMembers() {
+    const detail = state.detail;
+    const myRole = detail.my_role;
+    const list = $("members-list");
+    list.replaceChildren();
+    for (const p of detail.participants) {
+      const row = el("li", { class: "member" },
+        el("span", { class: "presence-dot" + (state.presence.get(p.user.id) ? " online" : "") }),
+        el("span", { class: "member-name", text: p.user.name + (p.user.id === me.id ? " (you)" : "") }));
+      if (myRole === "OWNER" && p.user.id !== me.id && detail.kind !== "DIRECT") {
+        const select = el("select", { "aria-label": "Role of " + p.user.name },
+          ...["MEMBER", "ADMIN", "OWNER"].map((r) => el("option", { value: r, selected: r === p.role, text: r.toLowerCase() })));
+        select.addEventListener("change", () => memberAction(() => api("PATCH", "/threads/" + detail.id + "/participants/" + p.user.id, { role: select.value })));
+        row.append(select);
+      } else {
+        row.append(el("span", { class: "role", text: p.role.toLowerCase() }));
+      }
+      const canRemove = detail.kind !== "DIRECT" && p.user.id !== me.id && (myRole === "OWNER" || (myRole === "ADMIN" && p.role !== "OWNER"));
+      if (canRemove) {
+        row.append(el("button", { type: "button", class: "link-btn", text: "Remove", onclick: () => memberAction(() => api("DELETE", "/threads/" + detail.id + "/participants/" + p.user.id)) }));
+      }
+      list.append(row);
+    }
+    $("members-add").hidden = detail.kind === "DIRECT" || !(myRole === "OWNER" || myRole === "ADMIN");
+    $("mb-leave").hidden = detail.kind === "DIRECT";
+  }
+
+  async function memberAction(call) {
+    $("mb-error").textContent = "";
+    try {
+      await call();
+      state.detail = await api("GET", "/threads/" + state.current);
+      renderMembers();
+      renderHeader();
+    } catch (error) {
+      $("mb-error").textContent = error.message;
+    }
+  }
+
+  // ---------------------------------------------------------------- search
+  let searchTimer = null;
+
+  function search() {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(async () => {
+      const q = $("search-input").value.trim();
+      const box = $("search-results");
+      if (!q) {
+        box.hidden = true;
+        $("thread-list").hidden = false;
+        return;
+      }
+      const data = await api("GET", "/search?q=" + encodeURIComponent(q));
+      box.replaceChildren(...data.results.map((r) => {
+        const snippet = el("span", { class: "snippet" });
+        if (r.highlight) snippet.innerHTML = r.highlight; // escaped by the server, only <mark> kept
+        else snippet.textContent = r.message.body.slice(0, 120);
+        return el("button", { type: "button", class: "search-hit", onclick: () => openThread(r.message.thread_id, r.message.seq) },
+          el("strong", { text: r.message.sender.name }), snippet);
+      }));
+      if (!data.results.length) box.append(el("p", { class: "hint", text: "No messages found." }));
+      box.hidden = false;
+      $("thread-list").hidden = true;
+    }, 250);
+  }
+
+  // ---------------------------------------------------------------- composer behaviour
+  function autoGrow() {
+    const input = $("input");
+    input.style.height = "auto";
+    input.style.height = Math.min(200, input.scrollHeight) + "px";
+  }
+
+  function bind() {
+    $("composer").addEventListener("submit", (e) => {
+      e.preventDefault();
+      send();
+    });
+    $("input").addEventListener("keydown", (e) => {
+      const list = $("mention-list");
+      if (!list.hidden && (e.key === "Enter" || e.key === "Tab")) {
+        const active = list.querySelector("li.active") || list.querySelector("li");
+        if (active) {
+          e.preventDefault();
+          insertMention(active.dataset.username);
+          return;
+        }
+      }
+      if (!list.hidden && (e.key === "ArrowDown" || e.key === "ArrowUp")) {
+        e.preventDefault();
+        const items = [...list.querySelectorAll("li")];
+        const index = items.findIndex((i) => i.classList.contains("active"));
+        items.forEach((i) => i.classList.remove("active"));
+        const next = (index + (e.key === "ArrowDown" ? 1 : -1) + items.length) % items.length;
+        items[next].classList.add("active");
+        return;
+      }
+      if (e.key === "Escape") list.hidden = true;
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        send();
+      }
+    });
+    $("input").addEventListener("input", () => {
+      autoGrow();
+      typingActivity();
+      checkMention();
+    });
+    $("input").addEventListener("blur", () => setTimeout(() => { $("mention-list").hidden = true; }, 150));
+    $("reply-cancel").addEventListener("click", () => {
+      state.replyTo = null;
+      $("reply-preview").hidden = true;
+    });
+    $("history").addEventListener("scroll", () => {
+      if ($("history").scrollTop < 120) loadOlder();
+    });
+    $("file-input").addEventListener("change", (e) => {
+      uploadFiles([...e.target.files]);
+      e.target.value = "";
+    });
+    const pane = $("thread-pane");
+    pane.addEventListener("dragover", (e) => {
+      if (!state.current) return;
+      e.preventDefault();
+      $("drop-zone").hidden = false;
+    });
+    pane.addEventListener("dragleave", (e) => {
+      if (e.target === $("drop-zone")) $("drop-zone").hidden = true;
+    });
+    pane.addEventListener("drop", (e) => {
+      e.preventDefault();
+      $("drop-zone").hidden = true;
+      if (e.dataTransfer && e.dataTransfer.files.length) uploadFiles([...e.dataTransfer.files]);
+    });
+    $("input").addEventListener("paste", (e) => {
+      const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+      if (files.length) {
+        e.preventDefault();
+        uploadFiles(files);
+      }
+    });
+    $("tab-active").addEventListener("click", () => switchTab(false));
+    $("tab-archived").addEventListener("click", () => switchTab(true));
+    $("threads-more").addEventListener("click", () => loadThreads(true));
+    $("search-input").addEventListener("input", search);
+    $("new-thread-btn").addEventListener("click", () => {
+      $("nt-error").textContent = "";
+      $("new-thread-dialog").showModal();
+      $("nt-people").focus();
+    });
+    $("nt-cancel").addEventListener("click", () => $("new-thread-dialog").close());
+    $("new-thread-form").addEventListener("submit", createThread);
+    peoplePicker("nt-people", "nt-results", (u) => {
+      chosen.set(u.id, u);
+      renderChosen();
+    });
+    peoplePicker("mb-people", "mb-results", (u) => memberAction(() => api("POST", "/threads/" + state.current + "/participants", { user_id: u.id })));
+    $("members-btn").addEventListener("click", () => {
+      renderMembers();
+      $("mb-error").textContent = "";
+      $("members-dialog").showModal();
+    });
+    $("mb-close").addEventListener("click", () => $("members-dialog").close());
+    $("mb-leave").addEventListener("click", async () => {
+      try {
+        await api("POST", "/threads/" + state.current + "/leave");
+        $("members-dialog").close();
+        dropThread(state.current, "You left the conversation.");
+      } catch (error) {
+        $("mb-error").textContent = error.message;
+      }
+    });
+    $("archive-btn").addEventListener("click", async () => {
+      const thread = state.threads.get(state.current);
+      const archived = !(thread && thread.archived);
+      await api("PATCH", "/threads/" + state.current + "/membership", { archived });
+      if (thread) thread.archived = archived;
+      renderThreadList();
+      renderHeader();
+    });
+    $("hi-close").addEventListener("click", () => $("history-dialog").close());
+    $("rp-close").addEventListener("click", () => $("replies-dialog").close());
+    $("show-threads").addEventListener("click", () => document.body.classList.toggle("show-sidebar"));
+    $("notif-btn").addEventListener("click", async () => {
+      if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
+      const data = await api("GET", "/notifications?unread=1");
+      $("notif-count").hidden = true;
+      $("notif-count").textContent = "0";
+      if (data.notifications.length) {
+        const first = data.notifications[0];
+        await api("POST", "/notifications/read", {});
+        openThread(first.thread_id, first.seq);
+      } else {
+        toast("No new notifications.");
+      }
+    });
+    document.addEventListener("click", (e) => {
+      const picker = $("emoji-picker");
+      if (!picker.hidden && !picker.contains(e.target) && !e.target.closest(".actions")) picker.hidden = true;
+    });
+    document.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") $("emoji-picker").hidden = true;
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && state.current) markRead(state.current);
+    });
+    window.addEventListener("online", () => {
+      if (!socket.connected) socket.connect();
+    });
+  }
+
+  async function switchTab(archived) {
+    state.archived = archived;
+    $("tab-active").setAttribute("aria-selected", String(!archived));
+    $("tab-archived").setAttribute("aria-selected", String(archived));
+    await loadThreads();
+  }
+
+  // ---------------------------------------------------------------- connection banner
+  function banner(text, kind) {
+    const node = $("conn-banner");
+    node.textContent = text || "";
+    node.className = "conn-banner " + (kind || "");
+    node.hidden = !text;
+  }
+
+  socket.on("open", async () => {
+    banner("");
+    document.body.classList.remove("offline");
+    subscribeAll();
+    await flushOutbox();
+  });
+  socket.on("close", (event) => {
+    document.body.classList.add("offline");
+    for (const item of state.pending.values()) if (item.status === "pending") item.status = "queued";
+    if (state.current) renderMessages({ stick: false });
+    if (event.code === 4401) banner("Your session ended. Sign in again.", "error");
+    else if (event.code === 4403) banner("Your account was deactivated.", "error");
+  });
+  socket.on("retry", (delay) => banner("Connection lost. Reconnecting in " + Math.ceil(delay / 1000) + "s…", "warn"));
+  for (const type of ["message.created", "message.updated", "message.deleted", "reaction.added", "reaction.removed",
+    "thread.updated", "thread.deleted", "thread.participant_added", "thread.participant_removed", "thread.role_changed"]) {
+    socket.on(type, onThreadEvent);
+  }
+  socket.on("receipt", onReceipt);
+  socket.on("typing", onTyping);
+  socket.on("typing.start", onTyping);
+  socket.on("typing.stop", (frame) => onTyping({ ...frame, data: { ...(frame.data || frame), typing: false } }));
+  socket.on("presence", onPresence);
+  socket.on("notification", onNotification);
+  socket.on("thread.created", () => loadThreads());
+  socket.on("thread.removed", (frame) => dropThread((frame.data || frame).thread_id, "You were removed from this conversation."));
+  socket.on("resync", (frame) => {
+    const threadId = frame.thread_id || (frame.data && frame.data.thread_id);
+    state.lastSeq.delete(threadId);
+    if (threadId === state.current) openThread(threadId);
+  });
+  socket.on("pong", () => {});
+
+  // ---------------------------------------------------------------- start
+  async function start() {
+    for (const item of outboxLoad()) {
+      item.status = "queued";
+      state.pending.set(item.clientMsgId, item);
+    }
+    bind();
+    try {
+      await loadThreads();
+      const unread = await api("GET", "/notifications?unread=1&limit=1");
+      if (unread.unread_count) {
+        $("notif-count").hidden = false;
+        $("notif-count").textContent = String(unread.unread_count);
+      }
+    } catch (error) {
+      banner("Could not load conversations: " + error.message, "error");
+    }
+    socket.connect();
+    const match = location.hash.match(/^#thread-(\d+)$/);
+    if (match) openThread(Number(match[1]));
+    if ("serviceWorker" in navigator && config.service_worker) {
+      navigator.serviceWorker.register(config.service_worker, { scope: "/" }).catch(() => {});
+    }
+  }
+
+  window.chatapp = { state, socket, openThread }; // for debugging and the browser tests
+  start();
+})();
