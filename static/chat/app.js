@@ -300,10 +300,19 @@
     $("thread-view").hidden = false;
     document.body.classList.remove("show-sidebar");
     renderThreadList();
-    const [detail, page] = await Promise.all([
-      api("GET", "/threads/" + threadId),
-      api("GET", "/threads/" + threadId + "/messages?limit=50" + (aroundSeq ? "&around=" + aroundSeq : "")),
-    ]);
+    let detail;
+    let page;
+    try {
+      [detail, page] = await Promise.all([
+        api("GET", "/threads/" + threadId),
+        api("GET", "/threads/" + threadId + "/messages?limit=50" + (aroundSeq ? "&around=" + aroundSeq : "")),
+      ]);
+    } catch (error) {
+      if (state.current === threadId) {
+        dropThread(threadId, error.status === 404 ? "That conversation does not exist or you are not in it." : error.message);
+      }
+      return;
+    }
     if (state.current !== threadId) return;
     state.detail = detail;
     for (const p of detail.participants) state.presence.set(p.user.id, state.presence.get(p.user.id) || false);

@@ -1,0 +1,220 @@
+"""The web chat in real Chromium against a live daphne on PostgreSQL and Redis.
+
+Two people in two browser contexts hold a conversation: live messages, typing, a reaction, an
+edit, a reply, an image upload with its preview; the server restarts mid-conversation and both
+pages come back with every message exactly once; HTML in a message stays text; a non-member
+cannot open the thread. Screenshots land in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from accounts.models import User
+from messaging.models import Message
+from messaging.services import message_send
+from tests.browser import ARTIFACTS, LiveServer, browser, live_daphne, session_cookie_for  # noqa: F401
+from tests.conftest import needs
+from threads.models import Thread
+from threads.services import thread_create
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+TIMEOUT = 15_000
+
+
+def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[str, int] | None = None) -> Any:
+    context = browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+    context.add_cookies([session_cookie_for(user, server)])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.js_errors = errors
+    page.goto(server.url + "/")
+    page.wait_for_selector(".thread-item")
+    return page
+
+
+def wait_connected(page: Any) -> None:
+    page.wait_for_function("() => window.chatapp && window.chatapp.socket.connected", timeout=TIMEOUT)
+
+
+def message_bodies(page: Any) -> list[str]:
+    return [t.strip() for t in page.locator("#messages .message:not(.pending) .body").all_inner_texts()]
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"), full_page=True)
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 400), (59, 91, 219)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_two_people_chat_live(browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]) -> None:
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = thread_create(creator=alice, title="Launch", participant_ids=[bob.pk])
+    message_send(sender=alice, thread_id=thread.pk, body="Welcome, @bob", client_msg_id="w1")
+
+    page_a = open_chat(browser, live_daphne, alice)
+    page_b = open_chat(browser, live_daphne, bob)
+    for page in (page_a, page_b):
+        page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+        page.wait_for_selector("#messages .message")
+        wait_connected(page)
+
+    # A types: B sees the indicator. A sends: B sees the message live, rendered by the server.
+    page_a.fill("#input", "Ship it **today**")
+    page_a.type("#input", "!")
+    page_b.wait_for_function("() => document.getElementById('typing').textContent.includes('typing')")
+    page_a.press("#input", "Enter")
+    page_b.wait_for_selector("#messages .message .body strong:text('today')")
+    page_a.wait_for_selector(".message.mine .status.receipt")
+
+    # Shift+Enter breaks the line instead of sending.
+    page_b.fill("#input", "line one")
+    page_b.press("#input", "Shift+Enter")
+    page_b.type("#input", "line two")
+    assert page_b.input_value("#input") == "line one\nline two"
+    page_b.press("#input", "Enter")
+    page_a.wait_for_selector("#messages .message .body:has-text('line two')")
+
+    # A reaction from B appears on A's page.
+    target = page_b.locator("#messages .message", has_text="Ship it").last
+    target.hover()
+    target.locator("button[aria-label='React']").click()
+    page_b.click("#emoji-picker button[aria-label='React with 🎉']")
+    page_a.wait_for_selector("#messages .message .reaction:has-text('🎉 1')")
+
+    # A edits the message: B sees the new text and the edited mark.
+    mine = page_a.locator("#messages .message.mine", has_text="Ship it").last
+    mine.hover()
+    mine.locator("button[aria-label='Edit']").click()
+    page_a.fill(".edit-box", "Ship it tomorrow")
+    page_a.press(".edit-box", "Enter")
+    page_b.wait_for_selector("#messages .message .body:has-text('Ship it tomorrow')")
+    page_b.wait_for_selector("#messages .message .edited")
+
+    # B replies: A sees the quote.
+    reply_to = page_b.locator("#messages .message", has_text="Ship it tomorrow").last
+    reply_to.hover()
+    reply_to.locator("button[aria-label='Reply']").click()
+    page_b.fill("#input", "Agreed")
+    page_b.press("#input", "Enter")
+    page_a.wait_for_selector("#messages .message .quote:has-text('Ship it tomorrow')")
+
+    # B uploads an image and sends it: A sees the thumbnail preview.
+    page_b.set_input_files("#file-input", files=[{"name": "chart.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    page_b.wait_for_selector(".upload.done")
+    page_b.fill("#input", "the chart")
+    page_b.press("#input", "Enter")
+    image = page_a.wait_for_selector("#messages .attachments img")
+    page_a.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image)
+
+    shot(page_a, "alice-conversation")
+    shot(page_b, "bob-conversation")
+    assert Message.objects.filter(thread=thread).count() == 5
+    assert page_a.js_errors == []
+    assert page_b.js_errors == []
+
+
+def test_restart_mid_conversation_loses_and_doubles_nothing(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = thread_create(creator=alice, title="Restart", participant_ids=[bob.pk])
+    page_a = open_chat(browser, live_daphne, alice)
+    page_b = open_chat(browser, live_daphne, bob)
+    for page in (page_a, page_b):
+        page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+        wait_connected(page)
+    for i in range(3):
+        page_a.fill("#input", f"before {i}")
+        page_a.press("#input", "Enter")
+    page_b.wait_for_selector("#messages .message .body:has-text('before 2')")
+
+    live_daphne.stop()
+    page_a.wait_for_selector("#conn-banner:not([hidden])")
+    # Written while the server is down: queued in the page's outbox.
+    page_a.fill("#input", "during the outage")
+    page_a.press("#input", "Enter")
+    page_a.wait_for_selector(".message.queued")
+    # Someone else's messages land in the database meanwhile.
+    for i in range(3):
+        message_send(sender=bob, thread_id=thread.pk, body=f"missed {i}", client_msg_id=f"missed-{i}")
+    live_daphne.start()
+
+    for page in (page_a, page_b):
+        wait_connected(page)
+        page.wait_for_selector("#messages .message .body:has-text('missed 2')")
+        page.wait_for_selector("#messages .message:not(.queued) .body:has-text('during the outage')")
+    expected = ["before 0", "before 1", "before 2", "during the outage", "missed 0", "missed 1", "missed 2"]
+    for page in (page_a, page_b):
+        bodies = message_bodies(page)
+        assert sorted(bodies) == sorted(expected), bodies
+        assert len(bodies) == len(set(bodies))
+    assert page_a.locator("#conn-banner").is_hidden()
+    assert Message.objects.filter(thread=thread, body="during the outage").count() == 1
+    shot(page_a, "after-restart")
+
+
+def test_html_shows_as_text_and_non_members_see_nothing(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob, mallory = make_user("alice"), make_user("bob"), make_user("mallory")
+    thread, _ = thread_create(creator=alice, title="Private", participant_ids=[bob.pk])
+    other, _ = thread_create(creator=mallory, title="Mallory's")
+    payload = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\"> [x](javascript:alert(1))"
+    message_send(sender=alice, thread_id=thread.pk, body=payload, client_msg_id="xss")
+
+    page = open_chat(browser, live_daphne, bob)
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    body = page.wait_for_selector("#messages .message .body")
+    assert "<script>" in body.inner_text()
+    assert page.evaluate("() => window.__pwned") is None
+    assert page.locator("#messages .message .body script, #messages .message .body img").count() == 0
+    assert page.locator("#messages a[href^='javascript']").count() == 0
+
+    outsider = open_chat(browser, live_daphne, mallory)
+    assert outsider.locator(f'.thread-item[data-thread-id="{thread.pk}"]').count() == 0
+    response = outsider.request.get(f"{live_daphne.url}/api/v1/threads/{thread.pk}/messages")
+    assert response.status == 404
+    outsider.goto(f"{live_daphne.url}/#thread-{thread.pk}")
+    outsider.wait_for_selector(".thread-item")
+    outsider.wait_for_timeout(500)
+    assert "Private" not in outsider.inner_text("#thread-title")
+    assert payload not in outsider.content()
+    assert Thread.objects.filter(pk=other.pk).exists()
+    shot(page, "html-as-text")
+
+
+def test_phone_width_and_keyboard(browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]) -> None:
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = thread_create(creator=alice, title="Mobile", participant_ids=[bob.pk])
+    page = open_chat(browser, live_daphne, alice, viewport={"width": 390, "height": 800})
+    assert page.locator("#sidebar").is_hidden()
+    page.click("#show-threads")
+    page.locator(f'.thread-item[data-thread-id="{thread.pk}"]').focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#thread-view:not([hidden])")
+    wait_connected(page)
+    page.fill("#input", "from a phone")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#messages .message:not(.pending) .body:has-text('from a phone')")
+    assert re.search(r"from a phone", page.inner_text("#messages"))
+    shot(page, "phone")
