@@ -137,7 +137,7 @@
       ws.addEventListener("open", () => {
         this.connected = true;
         this.attempt = 0;
-        this.send({ type: "hello", compress: "DecompressionStream" in window ? "deflate-raw" : null }, false);
+        this.send({ type: "hello", compress: "DecompressionStream" in window ? "deflate-raw" : "none" }, false);
         clearInterval(this.heartbeat);
         this.heartbeat = setInterval(() => this.send({ type: "ping" }, false), config.heartbeat_seconds * 1000);
         (this.handlers.open || (() => {}))();
@@ -737,7 +737,7 @@
   }
 
   function onThreadEvent(frame) {
-    const threadId = frame.thread_id;
+    const threadId = frame.thread_id || (frame.data && frame.data.thread_id);
     if (frame.seq) {
       const last = state.lastSeq.get(threadId) || 0;
       if (frame.seq <= last && frame.type === "message.created" && threadMessages(threadId).has(frame.seq)) return;
@@ -839,7 +839,8 @@
     const map = state.typing.get(threadId);
     if (data.typing === false || data.state === "stop") map.delete(userId);
     else {
-      const name = data.name || (data.user && data.user.name) || "Someone";
+      const participant = state.detail && state.detail.participants.find((p) => p.user.id === userId);
+      const name = data.name || (participant && participant.user.name) || "Someone";
       map.set(userId, { name, until: Date.now() + (data.expires_in || 6) * 1000 });
     }
     renderTyping();
@@ -1348,6 +1349,8 @@
     if (threadId === state.current) openThread(threadId);
   });
   socket.on("pong", () => {});
+  socket.on("ping", () => socket.send({ type: "pong" }, false).catch(() => {}));
+  socket.on("ready", () => {});
 
   // ---------------------------------------------------------------- start
   async function start() {
