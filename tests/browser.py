@@ -113,12 +113,15 @@ def live_daphne(transactional_db: None) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def browser() -> Iterator[Any]:
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     from tests.conftest import needs
 
     needs("chromium")
+    # Playwright's sync API keeps an event loop running in this thread; the test's own ORM calls
+    # are still plain synchronous code, which Django would otherwise refuse.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
     executable = os.environ.get("CHATAPP_CHROMIUM") or shutil.which("chromium")
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)

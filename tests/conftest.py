@@ -60,6 +60,28 @@ def needs(service: str) -> None:
         pytest.fail(f"this test needs the real {service}; run it through `make test` (scripts/testenv.py)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_db_pool(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Close Django's PostgreSQL pool before the test database is dropped (pooled connections keep it busy)."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        default = connections["default"]
+        if default.vendor == "postgresql":
+            # Live servers and worker threads may leave sessions behind; the test database must drop.
+            with default.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+        for conn in connections.all():
+            conn.close()  # hand the connection back to the pool, then close the pool itself
+            close_pool = getattr(conn, "close_pool", None)
+            if close_pool is not None:
+                close_pool()
+
+
 @pytest.fixture(autouse=True)
 def _clear_cache() -> None:
     from django.core.cache import cache

@@ -19,7 +19,7 @@ from PIL import Image
 from accounts.models import User
 from messaging.models import Message
 from messaging.services import message_send
-from tests.browser import ARTIFACTS, LiveServer, browser, live_daphne, session_cookie_for  # noqa: F401
+from tests.browser import ARTIFACTS, LiveServer, session_cookie_for
 from tests.conftest import needs
 from threads.models import Thread
 from threads.services import thread_create
@@ -27,6 +27,23 @@ from threads.services import thread_create
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 TIMEOUT = 15_000
+
+
+def off_loop(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """Run a service in a worker thread: Playwright's sync API keeps an event loop in this one,
+    and the service's after-commit broadcast must not run inside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    def call() -> Any:
+        try:
+            return fn(**kwargs)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(call).result(timeout=30)
 
 
 def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[str, int] | None = None) -> Any:
@@ -38,7 +55,7 @@ def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[st
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.js_errors = errors
     page.goto(server.url + "/")
-    page.wait_for_selector(".thread-item")
+    page.wait_for_selector(".thread-item", state="attached")
     return page
 
 
@@ -65,8 +82,8 @@ def test_two_people_chat_live(browser: Any, live_daphne: LiveServer, make_user: 
     needs("postgres")
     needs("redis")
     alice, bob = make_user("alice"), make_user("bob")
-    thread, _ = thread_create(creator=alice, title="Launch", participant_ids=[bob.pk])
-    message_send(sender=alice, thread_id=thread.pk, body="Welcome, @bob", client_msg_id="w1")
+    thread, _ = off_loop(thread_create, creator=alice, title="Launch", participant_ids=[bob.pk])
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body="Welcome, @bob", client_msg_id="w1")
 
     page_a = open_chat(browser, live_daphne, alice)
     page_b = open_chat(browser, live_daphne, bob)
@@ -81,7 +98,8 @@ def test_two_people_chat_live(browser: Any, live_daphne: LiveServer, make_user: 
     page_b.wait_for_function("() => document.getElementById('typing').textContent.includes('typing')")
     page_a.press("#input", "Enter")
     page_b.wait_for_selector("#messages .message .body strong:text('today')")
-    page_a.wait_for_selector(".message.mine .status.receipt")
+    # B has the thread open: A's message turns "seen" (read receipts, batched by the server).
+    page_a.wait_for_selector(".message.mine .status.receipt.seen")
 
     # Shift+Enter breaks the line instead of sending.
     page_b.fill("#input", "line one")
@@ -135,7 +153,7 @@ def test_restart_mid_conversation_loses_and_doubles_nothing(
 ) -> None:
     needs("postgres")
     alice, bob = make_user("alice"), make_user("bob")
-    thread, _ = thread_create(creator=alice, title="Restart", participant_ids=[bob.pk])
+    thread, _ = off_loop(thread_create, creator=alice, title="Restart", participant_ids=[bob.pk])
     page_a = open_chat(browser, live_daphne, alice)
     page_b = open_chat(browser, live_daphne, bob)
     for page in (page_a, page_b):
@@ -154,7 +172,7 @@ def test_restart_mid_conversation_loses_and_doubles_nothing(
     page_a.wait_for_selector(".message.queued")
     # Someone else's messages land in the database meanwhile.
     for i in range(3):
-        message_send(sender=bob, thread_id=thread.pk, body=f"missed {i}", client_msg_id=f"missed-{i}")
+        off_loop(message_send, sender=bob, thread_id=thread.pk, body=f"missed {i}", client_msg_id=f"missed-{i}")
     live_daphne.start()
 
     for page in (page_a, page_b):
@@ -176,10 +194,10 @@ def test_html_shows_as_text_and_non_members_see_nothing(
 ) -> None:
     needs("postgres")
     alice, bob, mallory = make_user("alice"), make_user("bob"), make_user("mallory")
-    thread, _ = thread_create(creator=alice, title="Private", participant_ids=[bob.pk])
-    other, _ = thread_create(creator=mallory, title="Mallory's")
-    payload = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\"> [x](javascript:alert(1))"
-    message_send(sender=alice, thread_id=thread.pk, body=payload, client_msg_id="xss")
+    thread, _ = off_loop(thread_create, creator=alice, title="Private", participant_ids=[bob.pk])
+    other, _ = off_loop(thread_create, creator=mallory, title="Mallory's")
+    payload = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> [x](javascript:alert(1))'
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body=payload, client_msg_id="xss")
 
     page = open_chat(browser, live_daphne, bob)
     page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
@@ -205,7 +223,7 @@ def test_html_shows_as_text_and_non_members_see_nothing(
 def test_phone_width_and_keyboard(browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]) -> None:
     needs("postgres")
     alice, bob = make_user("alice"), make_user("bob")
-    thread, _ = thread_create(creator=alice, title="Mobile", participant_ids=[bob.pk])
+    thread, _ = off_loop(thread_create, creator=alice, title="Mobile", participant_ids=[bob.pk])
     page = open_chat(browser, live_daphne, alice, viewport={"width": 390, "height": 800})
     assert page.locator("#sidebar").is_hidden()
     page.click("#show-threads")

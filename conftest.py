@@ -1,0 +1,3 @@
+"""Root conftest: fixture modules shared by several test files."""
+
+pytest_plugins = ["tests.browser"]
