@@ -1,4 +1,4 @@
-"""JSON-safe payloads for attachments carried in message events."""
+"""JSON-safe payloads for attachments carried in message events and upload responses."""
 
 from __future__ import annotations
 
@@ -30,3 +30,22 @@ def attachments_payload(message: Message) -> list[dict[str, Any]]:
         for a in message.attachments.all()
         if a.scan_status == ScanStatus.CLEAN and a.deleted_at is None
     ]
+
+
+def upload_payload(attachment: Attachment) -> dict[str, Any]:
+    """The uploader's view: the message-event shape plus where the upload stands."""
+    clean = attachment.scan_status == ScanStatus.CLEAN
+    payload = attachment_payload(attachment)
+    if not clean:
+        # Nothing is downloadable before the checks pass.
+        payload.update(url=None, thumbnail_url=None, has_thumbnail=False)
+    payload.update(
+        {
+            "thread_id": attachment.thread_id,
+            "message_id": attachment.message_id,
+            "status": attachment.scan_status,
+            "detail": "" if clean else attachment.scan_detail,
+            "created_at": attachment.created_at.isoformat() if attachment.created_at else None,
+        }
+    )
+    return payload

@@ -13,4 +13,5 @@ urlpatterns = [
     path("users", UserSearchApi.as_view(), name="user-search"),
     path("", include("threads.urls")),
     path("", include("messaging.urls")),
+    path("", include("attachments.urls")),
 ]

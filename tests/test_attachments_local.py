@@ -1,0 +1,514 @@
+"""Attachments on the embedded default (files on disk, served by an authorised Django view), the
+sniffing rules, the scanner, and the cleanup command; most also run in the smoke suite."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+from PIL import Image
+from rest_framework.test import APIClient
+
+from accounts.models import User
+from attachments import storage
+from attachments.models import Attachment, ScanStatus
+from attachments.scanning import ClamdScanner, ScannerUnavailable
+from attachments.services import attachments_attach, attachments_cleanup
+from attachments.validation import Refused, download_name, sniff
+from chatapp.errors import InvalidInput
+from messaging.models import Message
+from messaging.services import message_send
+from tests.conftest import needs
+from tests.test_attachments import (
+    CLEAN_SVG,
+    EICAR,
+    HTML,
+    error,
+    png_bytes,
+    stored_bytes,
+    upload,
+)
+from threads.models import Thread
+from threads.services import thread_leave
+
+pytestmark = pytest.mark.django_db
+
+Api = Callable[[User | None], APIClient]
+
+
+@pytest.fixture
+def local_storage(settings: Any, tmp_path: Path) -> Path:
+    """Files on the local file system whatever the environment configures."""
+    root = tmp_path / "media"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(root)}},
+    }
+    assert not storage.is_s3()
+    return root
+
+
+def fetch(link: str) -> Any:
+    """Follow a download link as a browser's <img> would: no API credentials."""
+    parsed = urlparse(link)
+    return APIClient().get(parsed.path, parse_qs(parsed.query))
+
+
+def content(response: Any) -> bytes:
+    return b"".join(response.streaming_content)
+
+
+@pytest.mark.smoke
+def test_local_storage_round_trip_with_safe_headers(
+    local_storage: Path, api: Api, alice: User, bob: User, thread: Thread
+) -> None:
+    created = upload(api(bob), thread, "chart.png", png_bytes((500, 100)), "image/png")
+    assert created.status_code == 201, created.json()
+    attachment = Attachment.objects.get(pk=created.json()["id"])
+    assert (local_storage / attachment.storage_key).is_file()
+    sent = api(bob).post(
+        f"/api/v1/threads/{thread.pk}/messages",
+        {"body": "", "client_msg_id": "m", "attachment_ids": [attachment.pk]},
+        format="json",
+    )
+    assert sent.status_code == 201, sent.json()
+    (carried,) = sent.json()["attachments"]
+    assert carried["id"] == attachment.pk
+    assert carried["thumbnail_url"] == created.json()["thumbnail_url"]
+
+    redirect = api(alice).get(created.json()["url"])
+    assert redirect.status_code == 302
+    assert redirect["Location"].startswith(f"http://testserver/api/v1/attachments/{attachment.pk}/file?")
+    served = fetch(redirect["Location"])
+    assert served.status_code == 200
+    assert content(served) == (local_storage / attachment.storage_key).read_bytes()
+    assert served["Content-Type"] == "image/png"
+    assert served["Content-Disposition"] == 'inline; filename="chart.png"'
+    assert served["X-Content-Type-Options"] == "nosniff"
+    assert served["Content-Security-Policy"] == "sandbox; default-src 'none'"
+
+    thumb = fetch(api(alice).get(created.json()["thumbnail_url"])["Location"])
+    assert thumb.status_code == 200
+    assert thumb["Content-Type"] == "image/webp"
+    assert Image.open(io.BytesIO(content(thumb))).size == (320, 64)
+
+    as_json = api(alice).get(created.json()["url"], {"format": "json"})
+    assert as_json.status_code == 200
+    assert as_json.json()["url"].startswith("http://testserver/api/v1/attachments/")
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("name", "data", "content_type", "saved"),
+    [
+        ("notes.txt", b"plain <b>text</b> notes\n", "text/plain; charset=utf-8", "notes.txt"),
+        ("logo.svg", CLEAN_SVG, "image/svg+xml", "logo.svg"),
+        # Not HTML to a browser (it does not start like HTML), but never saved under an HTML name.
+        ("evil.html", b"notes <script>alert(1)</script>", "text/plain; charset=utf-8", "evil.html.txt"),
+    ],
+)
+def test_local_downloads_of_non_inline_types_are_attachments(
+    local_storage: Path, api: Api, bob: User, thread: Thread, name: str, data: bytes, content_type: str, saved: str
+) -> None:
+    created = upload(api(bob), thread, name, data, "text/html").json()
+    assert created["name"] == name
+    served = fetch(api(bob).get(created["url"])["Location"])
+    assert served.status_code == 200
+    assert content(served) == data
+    assert served["Content-Type"] == content_type
+    assert served["Content-Disposition"] == f'attachment; filename="{saved}"'
+    assert served["X-Content-Type-Options"] == "nosniff"
+    assert served["Content-Security-Policy"] == "sandbox; default-src 'none'"
+
+
+@pytest.mark.smoke
+def test_local_file_links_are_bound_and_rechecked(
+    local_storage: Path, api: Api, alice: User, bob: User, carol: User, thread: Thread
+) -> None:
+    attachment_id = upload(api(bob), thread, "a.png", png_bytes()).json()["id"]
+    message_send(sender=bob, thread_id=thread.pk, body="", client_msg_id="m", attachment_ids=[attachment_id])
+    link = urlparse(api(bob).get(f"/api/v1/attachments/{attachment_id}/download")["Location"])
+    query = parse_qs(link.query)
+    path = link.path
+    assert fetch(f"{path}?variant=file&token={query['token'][0]}").status_code == 200
+    for forged in (
+        {"variant": "thumbnail", "token": query["token"][0]},  # a file link is not a thumbnail link
+        {"variant": "file", "token": query["token"][0][:-2] + "xx"},
+        {"variant": "file"},
+        {
+            "variant": "file",
+            "token": storage.local_token(attachment_id=attachment_id + 1, variant="file", user_id=bob.pk),
+        },
+        {
+            "variant": "file",
+            "token": storage.local_token(attachment_id=attachment_id, variant="file", user_id=carol.pk),
+        },
+    ):
+        refused = APIClient().get(path, forged)
+        assert refused.status_code == 404, forged
+        assert error(refused)["code"] == "not_found"
+    assert (
+        APIClient()
+        .get(f"/api/v1/attachments/{attachment_id + 1}/file", {"variant": "file", "token": query["token"][0]})
+        .status_code
+        == 404
+    )
+    # The link's user must still be allowed when it is used.
+    thread_leave(user=bob, thread_id=thread.pk)
+    assert fetch(f"{path}?variant=file&token={query['token'][0]}").status_code == 404
+    assert api(carol).get(f"/api/v1/attachments/{attachment_id}/download").status_code == 404
+
+
+@pytest.mark.smoke
+def test_local_presigned_flow_through_the_upload_view(
+    local_storage: Path, api: Api, alice: User, bob: User, thread: Thread
+) -> None:
+    data = png_bytes((30, 20))
+    asked = api(bob).post(
+        f"/api/v1/threads/{thread.pk}/attachments/uploads", {"name": "x.png", "size": len(data)}, format="json"
+    )
+    assert asked.status_code == 201, asked.json()
+    ticket, attachment_id = asked.json()["upload"], asked.json()["attachment"]["id"]
+    assert ticket["url"] == f"http://testserver/api/v1/attachments/{attachment_id}/upload"
+    assert (ticket["method"], ticket["fields"], ticket["max_size"]) == ("POST", {}, len(data))
+    target = urlparse(ticket["url"]).path
+
+    def send(client: APIClient, payload: bytes) -> Any:
+        return client.post(target, {**ticket["fields"], "file": io.BytesIO(payload)}, format="multipart")
+
+    assert send(api(alice), data).status_code == 404  # only the uploader
+    assert send(api(None), data).status_code == 401
+    wrong = send(api(bob), data + b"!")
+    assert wrong.status_code == 400
+    assert error(wrong)["reason"] == "size_mismatch"
+    assert send(api(bob), data).status_code == 204
+    assert send(api(bob), data).status_code == 204  # a retry overwrites the quarantined copy
+    completed = api(bob).post(f"/api/v1/attachments/{attachment_id}/complete")
+    assert completed.status_code == 200, completed.json()
+    assert completed.json()["status"] == "CLEAN"
+    assert not (local_storage / "quarantine").exists() or not any((local_storage / "quarantine").iterdir())
+    assert send(api(bob), data).status_code == 409  # nothing more can be written for it
+
+
+@pytest.mark.smoke
+def test_local_upload_window_closes(local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any) -> None:
+    asked = (
+        api(bob)
+        .post(f"/api/v1/threads/{thread.pk}/attachments/uploads", {"name": "x.txt", "size": 3}, format="json")
+        .json()
+    )
+    Attachment.objects.filter(pk=asked["attachment"]["id"]).update(
+        created_at=timezone.now() - timedelta(seconds=settings.ATTACHMENT_UPLOAD_EXPIRE + 1)
+    )
+    late = api(bob).post(urlparse(asked["upload"]["url"]).path, {"file": io.BytesIO(b"abc")}, format="multipart")
+    assert late.status_code == 409
+    assert error(late)["reason"] == "upload_expired"
+
+
+@pytest.mark.smoke
+def test_scanner_outage_accepts_nothing_and_complete_can_be_retried(
+    local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any, tmp_path: Path
+) -> None:
+    scanning = (settings.CLAMAV_ENABLED, settings.CLAMD_SOCKET)
+    settings.CLAMAV_ENABLED, settings.CLAMD_SOCKET = True, str(tmp_path / "no-clamd.sock")
+    refused = upload(api(bob), thread, "a.txt", b"hello\n")
+    assert refused.status_code == 503
+    assert error(refused)["code"] == "scanner_unavailable"
+    assert not Attachment.objects.exists()
+
+    asked = (
+        api(bob)
+        .post(f"/api/v1/threads/{thread.pk}/attachments/uploads", {"name": "b.txt", "size": 6}, format="json")
+        .json()
+    )
+    attachment_id = asked["attachment"]["id"]
+    api(bob).post(urlparse(asked["upload"]["url"]).path, {"file": io.BytesIO(b"hello\n")}, format="multipart")
+    assert api(bob).post(f"/api/v1/attachments/{attachment_id}/complete").status_code == 503
+    assert Attachment.objects.get(pk=attachment_id).scan_status == ScanStatus.PENDING
+    with pytest.raises(InvalidInput):
+        message_send(sender=bob, thread_id=thread.pk, body="x", client_msg_id="q", attachment_ids=[attachment_id])
+    settings.CLAMAV_ENABLED, settings.CLAMD_SOCKET = scanning
+    assert api(bob).post(f"/api/v1/attachments/{attachment_id}/complete").json()["status"] == "CLEAN"
+
+
+def test_clamd_scanner_speaks_instream() -> None:
+    needs("clamd")
+    import os
+
+    scanner = ClamdScanner(os.environ["CHATAPP_CLAMD_SOCKET"], timeout=10)
+    with_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"scan-{os.getpid()}"
+    try:
+        with_tmp.write_bytes(EICAR)
+        infected = scanner.scan(with_tmp)
+        assert infected.infected
+        assert infected.detail.startswith("Eicar-Test-Signature")
+        with_tmp.write_bytes(b"a" * (200 * 1024))  # several chunks
+        assert scanner.scan(with_tmp).infected is False
+    finally:
+        with_tmp.unlink(missing_ok=True)
+    with pytest.raises(ScannerUnavailable):
+        ClamdScanner("/nonexistent/clamd.sock", timeout=1).scan(Path(__file__))
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def _zip(*names: str) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name in names:
+            archive.writestr(name, "x")
+    return out.getvalue()
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (png_bytes(), "image/png"),
+        (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 64, "video/mp4"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "application/pdf"),
+        (
+            _zip("[Content_Types].xml", "word/document.xml"),
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        ),
+        (_zip("readme.txt"), "application/zip"),
+        ("Grüße, notes\n".encode(), "text/plain"),
+        (b"a,b,c\n1,2,3\n", "text/plain"),
+        (b'<?xml version="1.0"?><feed><title>t</title></feed>', "application/xml"),
+        (b"\xef\xbb\xbf<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"),
+        (
+            b"<svg><style>rect{fill:red}</style><a href='https://example.test/?a=1&amp;b=2'><rect/></a></svg>",
+            "image/svg+xml",
+        ),
+    ],
+)
+def test_sniff_accepts_by_content(tmp_path: Path, data: bytes, expected: str) -> None:
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    assert sniff(path).mime == expected
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (HTML, "html"),
+        (b"<!-- a comment --><p>hi", "html"),
+        (b'<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml"><body/></html>', "html"),
+        (b'<?xml version="1.0"?><doc><x:p xmlns:x="http://www.w3.org/1999/xhtml">hi</x:p></doc>', "html"),
+        (b"<svg><foreignObject><div>hi</div></foreignObject></svg>", "scripted_svg"),
+        (b"<svg><script>alert(1)</script></svg>", "scripted_svg"),
+        (b"<SVG ONLOAD='alert(1)'/>", "scripted_svg"),
+        (b"<svg><a href='&#106;avascript:alert(1)'><rect/></a></svg>", "scripted_svg"),
+        (b'<!DOCTYPE svg [<!ENTITY x "y">]><svg>&x;</svg>', "scripted_svg"),
+        (b"<svg>" + b" " * 70000 + b"<script>late()</script></svg>", "scripted_svg"),
+        (b"\x7fELF\x02\x01\x01" + b"\x00" * 64, "unsupported_type"),
+        (b"", "empty"),
+        ("notes".encode("utf-16"), "unsupported_type"),
+    ],
+)
+def test_sniff_refuses(tmp_path: Path, data: bytes, reason: str) -> None:
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    with pytest.raises(Refused) as refused:
+        sniff(path)
+    assert refused.value.reason == reason
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("name", "mime", "served"),
+    [
+        ("photo.JPEG", "image/jpeg", "photo.JPEG"),
+        ("report.pdf", "image/png", "report.pdf.png"),
+        ("clip", "video/mp4", "clip.mp4"),
+        ("page.HTM", "text/plain", "page.HTM.txt"),
+        ("data.csv", "text/plain", "data.csv"),
+        ("Makefile", "text/plain", "Makefile"),
+        ("drawing.xml", "image/svg+xml", "drawing.xml.svg"),
+    ],
+)
+def test_download_name_matches_the_sniffed_type(name: str, mime: str, served: str) -> None:
+    assert download_name(name, mime) == served
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_images_lose_their_metadata_but_keep_their_colour_profile(
+    local_storage: Path, api: Api, bob: User, thread: Thread, fmt: str
+) -> None:
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "SECRETCAMERA"
+    exif[0x0131] = "SECRETSOFTWARE"
+    out = io.BytesIO()
+    Image.new("RGB", (20, 10), "red").save(out, fmt, exif=exif, icc_profile=profile)
+    assert b"SECRETCAMERA" in out.getvalue()
+    created = upload(api(bob), thread, f"photo.{fmt.lower()}", out.getvalue())
+    assert created.status_code == 201, created.json()
+    stored = stored_bytes(Attachment.objects.get().storage_key)
+    assert b"SECRETCAMERA" not in stored
+    assert b"SECRETSOFTWARE" not in stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.format == fmt
+        assert image.info.get("icc_profile") == profile
+        assert dict(image.getexif()) == {}
+
+
+@pytest.mark.smoke
+def test_animated_gif_keeps_its_frames_but_not_its_comment(
+    local_storage: Path, api: Api, bob: User, thread: Thread
+) -> None:
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0, comment=b"SECRETGIF")
+    created = upload(api(bob), thread, "wave.gif", out.getvalue())
+    assert created.status_code == 201, created.json()
+    stored = stored_bytes(Attachment.objects.get().storage_key)
+    assert b"SECRETGIF" not in stored
+    with Image.open(io.BytesIO(stored)) as gif:
+        assert (gif.format, getattr(gif, "n_frames", 1), gif.info["duration"]) == ("GIF", 3, 80)
+
+
+@pytest.mark.smoke
+def test_attach_accepts_only_my_clean_unused_uploads(
+    local_storage: Path, api: Api, alice: User, bob: User, thread: Thread
+) -> None:
+    from threads.services import thread_create
+
+    clean = upload(api(bob), thread, "a.txt", b"a\n").json()["id"]
+    pending = Attachment.objects.create(
+        uploader=bob,
+        thread=thread,
+        storage_key="quarantine/pending-test",
+        original_name="p",
+        scan_status=ScanStatus.PENDING,
+    )
+    infected = Attachment.objects.create(
+        uploader=bob,
+        thread=thread,
+        storage_key="quarantine/infected-test",
+        original_name="i",
+        scan_status=ScanStatus.INFECTED,
+    )
+    other_thread, _ = thread_create(creator=bob, title="Other", participant_ids=[alice.pk])
+    for ids in ([pending.pk], [infected.pk], [clean, 10**9]):
+        with pytest.raises(InvalidInput) as refused:
+            message_send(sender=bob, thread_id=thread.pk, body="x", client_msg_id=f"c{ids[0]}", attachment_ids=ids)
+        assert "attachment_ids" in refused.value.fields  # type: ignore[operator]
+    with pytest.raises(InvalidInput):
+        message_send(sender=bob, thread_id=other_thread.pk, body="x", client_msg_id="elsewhere", attachment_ids=[clean])
+    assert not Message.objects.filter(body="x").exists()
+    message, _ = message_send(sender=bob, thread_id=thread.pk, body="", client_msg_id="ok", attachment_ids=[clean])
+    with pytest.raises(InvalidInput):  # used once only
+        attachments_attach(uploader=bob, message=message, attachment_ids=[clean])
+    over = api(bob).post(
+        f"/api/v1/threads/{thread.pk}/messages",
+        {"body": "", "client_msg_id": "many", "attachment_ids": list(range(1, 12))},
+        format="json",
+    )
+    assert over.status_code == 400
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+@pytest.mark.smoke
+def test_cleanup_removes_exactly_the_orphans(api: Api, alice: User, bob: User, thread: Thread, settings: Any) -> None:
+    """On whichever storage is configured: S3 under make test, the file system in the smoke run."""
+    settings.ATTACHMENT_ORPHAN_HOURS = 24
+    old = timezone.now() - timedelta(hours=25)
+
+    def new(name: str) -> Attachment:
+        response = upload(api(bob), thread, name, png_bytes())
+        assert response.status_code == 201, response.json()
+        return Attachment.objects.get(pk=response.json()["id"])
+
+    sent, fresh, stale, gone = new("sent.png"), new("fresh.png"), new("stale.png"), new("gone.png")
+    message_send(sender=bob, thread_id=thread.pk, body="", client_msg_id="sent", attachment_ids=[sent.pk])
+    old_sent = new("old-sent.png")
+    message_send(sender=bob, thread_id=thread.pk, body="", client_msg_id="old", attachment_ids=[old_sent.pk])
+    gone_message, _ = message_send(
+        sender=bob, thread_id=thread.pk, body="", client_msg_id="gone", attachment_ids=[gone.pk]
+    )
+    # The message went without its files being revoked (e.g. the delete after commit failed).
+    Message.objects.filter(pk=gone_message.pk).update(deleted_at=timezone.now())
+    Attachment.objects.filter(pk__in=[stale.pk, old_sent.pk]).update(created_at=old)
+    assert upload(api(bob), thread, "page.html", HTML).status_code == 400
+    rejected = Attachment.objects.get(scan_status=ScanStatus.REJECTED)
+    infected = Attachment.objects.create(
+        uploader=bob,
+        thread=thread,
+        storage_key="quarantine/eicar-record",
+        original_name="e",
+        scan_status=ScanStatus.INFECTED,
+    )
+    Attachment.objects.filter(pk__in=[rejected.pk, infected.pk]).update(created_at=old)
+    orphan_thumb = f"attachments/{thread.pk}/{storage.new_token()}/thumb.webp"
+    orphan_upload = storage.quarantine_key(storage.new_token())
+    for key in (orphan_thumb, orphan_upload):
+        storage.store(key, io.BytesIO(b"orphan"), content_type="image/webp", content_disposition="attachment")
+
+    def exists(key: str) -> bool:
+        return storage.object_size(key) is not None
+
+    out = io.StringIO()
+    with_grace = attachments_cleanup(dry_run=True)
+    assert orphan_thumb not in with_grace.keys  # too recent for the default grace
+    call_command("cleanup_attachments", "--grace-minutes=0", stdout=out)
+    assert "Removed 2 unsent upload(s), revoked 1 file(s)" in out.getvalue()
+
+    remaining = set(Attachment.objects.values_list("pk", flat=True))
+    assert remaining == {sent.pk, fresh.pk, old_sent.pk, gone.pk, infected.pk}
+    gone.refresh_from_db()
+    assert gone.deleted_at is not None
+    for attachment in (sent, fresh, old_sent):
+        assert exists(attachment.storage_key)
+        assert exists(attachment.thumbnail_key)
+    for key in (
+        stale.storage_key,
+        stale.thumbnail_key,
+        gone.storage_key,
+        gone.thumbnail_key,
+        orphan_thumb,
+        orphan_upload,
+    ):
+        assert not exists(key), key
+    again = attachments_cleanup(object_grace=timedelta(0))
+    assert (again.unattached, again.revoked) == (0, 0)
+    assert not {sent.storage_key, fresh.storage_key, old_sent.storage_key} & set(again.keys)
+
+
+@pytest.mark.smoke
+def test_admin_lists_infected_uploads_for_staff(
+    local_storage: Path, client: Any, make_user: Callable[..., User], bob: User, thread: Thread
+) -> None:
+    from accounts.models import SystemRole
+
+    infected = Attachment.objects.create(
+        uploader=bob,
+        thread=thread,
+        storage_key="quarantine/admin-test",
+        original_name="invoice.txt",
+        scan_status=ScanStatus.INFECTED,
+        scan_detail="Eicar-Test-Signature",
+    )
+    client.force_login(make_user("root", role=SystemRole.OWNER))
+    listing = client.get("/admin/attachments/attachment/", {"scan_status__exact": "INFECTED", "sent": "no"})
+    assert listing.status_code == 200
+    assert b"invoice.txt" in listing.content
+    assert b"Eicar-Test-Signature" in listing.content
+    assert client.get(f"/admin/attachments/attachment/{infected.pk}/change/").status_code == 200
+    client.force_login(bob)
+    assert client.get("/admin/attachments/attachment/").status_code == 302
