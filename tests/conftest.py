@@ -84,9 +84,18 @@ def _close_db_pool(django_db_setup: None, django_db_blocker: Any) -> Iterator[No
 
 @pytest.fixture(autouse=True)
 def _clear_cache() -> None:
+    """Empty the Django cache between tests. On Redis only the cache's own keys go: FLUSHDB would
+    also wipe the channel layer's groups and the presence keys a live server relies on."""
     from django.core.cache import cache
 
-    cache.clear()
+    if settings.CACHES["default"]["BACKEND"].endswith("RedisCache"):
+        client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+        prefix = settings.CACHES["default"].get("KEY_PREFIX", "")
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    else:
+        cache.clear()
 
 
 @pytest.fixture
