@@ -82,14 +82,22 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # operations: Swagger UI assets served locally (CSP)
+    "csp",  # operations: Content-Security-Policy (django-csp)
     "accounts",
     "threads",
     "messaging",
     "attachments",
+    "chatapp",  # operations: management commands (backup_db, restore_db, run_scheduler), slow-query hook
 ]
 
 MIDDLEWARE = [
+    # operations: the request id first (every log line has it), then the probes, answered before
+    # host validation and the HTTPS redirect; CSP right after SecurityMiddleware.
+    "chatapp.middleware.RequestIdMiddleware",
+    "chatapp.middleware.HealthCheckMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -232,7 +240,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": env_str("CHATAPP_CACHE_PREFIX", "chatapp"),
+            "KEY_PREFIX": env_str("CHATAPP_CACHE_PREFIX", "chatcache"),
         }
     }
     SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
@@ -299,13 +307,45 @@ CHAT_MAX_MESSAGE_BYTES = 100 * 1024
 CHAT_COMPRESS_OVER_BYTES = 10 * 1024
 CHAT_SENDS_PER_MINUTE = env_int("CHATAPP_SENDS_PER_MINUTE", 60)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHATAPP_MAX_CONNECTIONS_PER_USER", 5)
-CHAT_HEARTBEAT_SECONDS = 30
+CHAT_HEARTBEAT_SECONDS = env_int("CHATAPP_HEARTBEAT_SECONDS", 30)
 CHAT_IDLE_TIMEOUT_SECONDS = env_int("CHATAPP_IDLE_TIMEOUT_SECONDS", 120)
 # Client IP comes from X-Forwarded-For only when it is set by this many trusted proxies.
 TRUSTED_PROXY_COUNT = env_int("CHATAPP_TRUSTED_PROXY_COUNT", 0)
 # General API budgets (django-ratelimit syntax), on top of the message-send budget.
 API_RATE_PER_USER = env_str("CHATAPP_API_RATE_PER_USER", "600/m")
 API_RATE_PER_IP = env_str("CHATAPP_API_RATE_PER_IP", "1200/m")
+# POST /api/v1/auth/token (username + password) attempts per client IP.
+AUTH_TOKEN_RATE_PER_IP = env_str("CHATAPP_AUTH_TOKEN_RATE_PER_IP", "10/m")
+
+# --- Attachments (docs/attachments.md) ------------------------------------
+
+_MB = 1024 * 1024
+# Size caps per kind, decided after sniffing the bytes; the largest also bounds any upload request.
+ATTACHMENT_MAX_IMAGE_BYTES = env_int("CHATAPP_ATTACHMENT_MAX_IMAGE_MB", 20) * _MB
+ATTACHMENT_MAX_VIDEO_BYTES = env_int("CHATAPP_ATTACHMENT_MAX_VIDEO_MB", 100) * _MB
+ATTACHMENT_MAX_DOCUMENT_BYTES = env_int("CHATAPP_ATTACHMENT_MAX_DOCUMENT_MB", 25) * _MB
+# Decoded pixels per image frame (a decompression bomb is refused before Pillow allocates it).
+ATTACHMENT_MAX_IMAGE_PIXELS = env_int("CHATAPP_ATTACHMENT_MAX_IMAGE_PIXELS", 40_000_000)
+ATTACHMENT_THUMBNAIL_PX = env_int("CHATAPP_ATTACHMENT_THUMBNAIL_PX", 320)
+# Lifetime of a presigned (direct-to-storage) upload; downloads use AWS_QUERYSTRING_EXPIRE.
+ATTACHMENT_UPLOAD_EXPIRE = env_int("CHATAPP_ATTACHMENT_UPLOAD_EXPIRE", 900)
+# Uploads never sent with a message are removed by `manage.py cleanup_attachments` after this.
+ATTACHMENT_ORPHAN_HOURS = env_int("CHATAPP_ATTACHMENT_ORPHAN_HOURS", 24)
+CLAMD_SOCKET = env_str("CHATAPP_CLAMD_SOCKET")
+CLAMAV_ENABLED = env_bool("CHATAPP_CLAMAV_ENABLED", bool(CLAMD_SOCKET))
+CLAMD_TIMEOUT_SECONDS = env_int("CHATAPP_CLAMD_TIMEOUT", 60)
+if CLAMAV_ENABLED and not CLAMD_SOCKET:
+    raise ImproperlyConfigured("CHATAPP_CLAMAV_ENABLED is on but CHATAPP_CLAMD_SOCKET (clamd's unix socket) is unset.")
+# Signed CloudFront download URLs instead of S3 presigned ones; all three or none.
+CLOUDFRONT_DOMAIN = env_str("CHATAPP_CLOUDFRONT_DOMAIN")
+CLOUDFRONT_KEY_ID = env_str("CHATAPP_CLOUDFRONT_KEY_ID")
+CLOUDFRONT_PRIVATE_KEY = env_str("CHATAPP_CLOUDFRONT_PRIVATE_KEY")  # PEM text, or a path to the PEM file
+if any((CLOUDFRONT_DOMAIN, CLOUDFRONT_KEY_ID, CLOUDFRONT_PRIVATE_KEY)) and not all(
+    (CLOUDFRONT_DOMAIN, CLOUDFRONT_KEY_ID, CLOUDFRONT_PRIVATE_KEY)
+):
+    raise ImproperlyConfigured(
+        "Set all of CHATAPP_CLOUDFRONT_DOMAIN, CHATAPP_CLOUDFRONT_KEY_ID and CHATAPP_CLOUDFRONT_PRIVATE_KEY, or none."
+    )
 
 # --- REST API -------------------------------------------------------------
 
@@ -328,6 +368,10 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "COMPONENT_SPLIT_REQUEST": True,
+    # operations: Swagger UI from drf-spectacular-sidecar's static files, not a CDN (CSP 'self').
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Security -------------------------------------------------------------
@@ -347,17 +391,94 @@ if not DEBUG and not TESTING:
     SECURE_HSTS_PRELOAD = True
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
-# --- Logging --------------------------------------------------------------
+# --- Operations: probes, metrics, backups, scheduler, CSP (docs/operations.md) ---------
+
+# The probes and the scrape are answered by the instance address over plain HTTP
+# (chatapp.middleware.HealthCheckMiddleware); never redirect them to HTTPS.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# Each /readyz check (PostgreSQL, Redis, storage) gives up after this long.
+HEALTH_CHECK_TIMEOUT_SECONDS = 1.5
+# Bearer token for /metrics; unset: /metrics answers loopback clients only.
+METRICS_TOKEN = env_str("CHATAPP_METRICS_TOKEN")
+
+# Backups (manage.py backup_db / restore_db): a local folder, a dedicated bucket, the attachments
+# bucket (under backups/) when storage is S3, else DATA_DIR/backups. See chatapp/backups.py.
+BACKUP_DIR = env_str("CHATAPP_BACKUP_DIR")
+BACKUP_BUCKET = env_str("CHATAPP_BACKUP_BUCKET")
+BACKUP_KEEP = env_int("CHATAPP_BACKUP_KEEP", 7)
+# Folder holding pg_dump/pg_restore, when not /usr/lib/postgresql/<server major>/bin or on PATH.
+PG_BIN_DIR = env_str("CHATAPP_PG_BIN_DIR")
+
+# manage.py run_scheduler (crontab syntax, UTC; "off" disables a job).
+SCHEDULE_BACKUP_CRON = env_str("CHATAPP_BACKUP_CRON", "0 3 * * *")
+SCHEDULE_CLEANUP_CRON = env_str("CHATAPP_CLEANUP_CRON", "17 * * * *")
+PRESENCE_EXPIRE_SECONDS = env_int("CHATAPP_PRESENCE_EXPIRE_SECONDS", 30)
+# Called without arguments by the scheduler; provided by the real-time layer.
+PRESENCE_EXPIRE_FUNCTION = "messaging.realtime.presence_expire_stale"
+
+
+def _origin(url: str) -> str:
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    return f"{parsed.scheme}://{parsed.netloc}" if parsed.netloc else ""
+
+
+# Where the browser fetches attachments from (signed S3 or CloudFront URLs) and uploads to.
+_MEDIA_ORIGINS: list[str] = []
+if AWS_STORAGE_BUCKET_NAME:
+    if AWS_S3_ENDPOINT_URL:
+        _MEDIA_ORIGINS.append(_origin(AWS_S3_ENDPOINT_URL))
+    else:
+        _MEDIA_ORIGINS += [
+            f"https://{AWS_STORAGE_BUCKET_NAME}.s3.amazonaws.com",
+            f"https://{AWS_STORAGE_BUCKET_NAME}.s3.{AWS_S3_REGION_NAME}.amazonaws.com",
+        ]
+if CLOUDFRONT_DOMAIN:
+    _MEDIA_ORIGINS.append(_origin(CLOUDFRONT_DOMAIN))
+_CLERK = [_origin(CLERK_FRONTEND_API_URL)] if CLERK_FRONTEND_API_URL else []
+# Clerk's components need its bot challenge (Cloudflare Turnstile), its image host and inline styles.
+_CLERK_CHALLENGE = ["https://challenges.cloudflare.com"] if _CLERK else []
+
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'", *_CLERK, *_CLERK_CHALLENGE],  # no inline scripts
+        "style-src": ["'self'", *(["'unsafe-inline'"] if _CLERK else [])],
+        "img-src": ["'self'", "data:", "blob:", *_MEDIA_ORIGINS, *(["https://img.clerk.com"] if _CLERK else [])],
+        "media-src": ["'self'", "blob:", *_MEDIA_ORIGINS],
+        "connect-src": ["'self'", "ws:", "wss:", *_MEDIA_ORIGINS, *_CLERK],
+        "font-src": ["'self'"],
+        "worker-src": ["'self'", "blob:"],
+        "frame-src": _CLERK_CHALLENGE or ["'none'"],
+        "frame-ancestors": ["'none'"],
+        "form-action": ["'self'", *_CLERK],
+        "base-uri": ["'self'"],
+        "object-src": ["'none'"],
+    }
+}
+
+# --- Logging (chatapp/logging.py) -------------------------------------------
 
 LOG_LEVEL = env_str("CHATAPP_LOG_LEVEL", "INFO")
+# One JSON object per line in production, readable text in DEBUG; CHATAPP_LOG_FORMAT overrides.
+LOG_FORMAT = env_str("CHATAPP_LOG_FORMAT", "plain" if DEBUG else "json").lower()
+if LOG_FORMAT not in {"json", "plain"}:
+    raise ImproperlyConfigured(f"CHATAPP_LOG_FORMAT must be json or plain, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "chatapp.logging.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "chatapp.logging.JsonFormatter"},
+        "plain": {"()": "chatapp.logging.PlainFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]},
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         "chatapp.slow_query": {"level": "WARNING"},
+        # The scheduler logs each job itself; APScheduler's per-run lines are noise.
+        "apscheduler": {"level": "WARNING"},
     },
 }

@@ -1,0 +1,126 @@
+"""HTTP middleware for operations: the request id, the access log line, and the probe endpoints.
+
+Both classes work natively in async (ASGI/daphne) and sync mode. They come first in
+``MIDDLEWARE``: the request id must be set before anything logs, and probes must be answered
+before host validation and the HTTPS redirect (a balancer probes the instance address over
+plain HTTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.http import HttpRequest, HttpResponseBase
+from django.utils.module_loading import import_string
+
+from chatapp.logging import connection_id_var, request_id_bind
+
+access_logger = logging.getLogger("chatapp.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# Probe and scrape paths, answered by HealthCheckMiddleware; their access lines are DEBUG only.
+PROBE_VIEWS = {
+    "/healthz": "chatapp.views.healthz",
+    "/readyz": "chatapp.health.readyz",
+    "/metrics": "chatapp.metrics_view.metrics",
+}
+
+GetResponse = Callable[[HttpRequest], Any]
+
+
+class RequestIdMiddleware:
+    """Binds a request id (the client's ``X-Request-ID`` if it is a sane token, else a new one)
+    to every log line of the request, returns it in the ``X-Request-ID`` response header and
+    writes one access line on ``chatapp.access``.
+
+    The id is not reset when the response leaves this middleware: Django logs 4xx/5xx responses
+    (``django.request``) just after the middleware chain, and those lines need it too. Under
+    ASGI every request runs in its own task, so nothing leaks between requests.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        started = self._start(request)
+        response = self.get_response(request)
+        return self._finish(request, response, started)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        started = self._start(request)
+        response = await self.get_response(request)
+        return self._finish(request, response, started)
+
+    @staticmethod
+    def _start(request: HttpRequest) -> float:
+        request.request_id = request_id_bind(request.headers.get(REQUEST_ID_HEADER))  # type: ignore[attr-defined]
+        connection_id_var.set(None)
+        return time.perf_counter()
+
+    @staticmethod
+    def _finish(request: HttpRequest, response: HttpResponseBase, started: float) -> HttpResponseBase:
+        response[REQUEST_ID_HEADER] = request.request_id  # type: ignore[attr-defined]
+        duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        level = logging.DEBUG if request.path_info in PROBE_VIEWS else logging.INFO
+        access_logger.log(
+            level,
+            "%s %s %s",
+            request.method,
+            request.path,
+            response.status_code,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "duration_ms": duration_ms,
+            },
+        )
+        return response
+
+
+class HealthCheckMiddleware:
+    """Answers ``/healthz``, ``/readyz`` and ``/metrics`` before the rest of the stack.
+
+    Balancers and Prometheus reach an instance by its address, over plain HTTP, so these
+    requests must not meet ALLOWED_HOSTS validation (400) or the HTTPS redirect (301). The
+    views only report state; ``/metrics`` checks its own bearer token.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+        self.views: dict[str, Callable[[HttpRequest], HttpResponseBase]] = {
+            path: import_string(dotted) for path, dotted in PROBE_VIEWS.items()
+        }
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        view = self.views.get(request.path_info)
+        if view is None:
+            return self.get_response(request)
+        return view(request)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        view = self.views.get(request.path_info)
+        if view is None:
+            response: Awaitable[HttpResponseBase] = self.get_response(request)
+            return await response
+        return await sync_to_async(view)(request)
