@@ -1,13 +1,19 @@
-"""Writes for users: profile, system role, deactivation. Each broadcasts after commit."""
+"""Writes for users: profile, system role, deactivation, Clerk sync, API tokens. Each broadcasts after commit."""
 
 from __future__ import annotations
 
+import re
+import secrets
 from typing import Any
 
-from django.db import transaction
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator, validate_email
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from accounts.models import AuditEntry, SystemRole, User
+from accounts.clerk import REVOKED_SESSION_TTL, revoked_session_key
+from accounts.models import AuditEntry, SystemRole, User, WebhookDelivery
 from chatapp.broadcast import user_event_on_commit
 from chatapp.cache import invalidate_on_commit
 from chatapp.errors import Forbidden, InvalidInput
@@ -105,3 +111,257 @@ def user_reactivate(*, actor: User | None, user: User) -> User:
     invalidate_on_commit("user", [user.pk])
     AuditEntry.record(actor=actor, action="user.reactivate", target=user)
     return user
+
+
+# --- Clerk ------------------------------------------------------------------
+
+CLERK_USER_EVENTS = frozenset({"user.created", "user.updated", "user.deleted"})
+CLERK_SESSION_END_EVENTS = frozenset({"session.revoked", "session.ended", "session.removed"})
+# ``clerk_updated_at`` of a user deleted in Clerk: newer than any update, so no late webhook revives them.
+CLERK_DELETED_MARK = 2**63 - 1
+
+_USERNAME_FORBIDDEN = re.compile(r"[^\w.@+-]")
+_url_validator = URLValidator(schemes=["https", "http"])
+
+
+def _clean_email(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 254:
+        return ""
+    try:
+        validate_email(value)
+    except ValidationError:
+        return ""
+    return value
+
+
+def _clean_url(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 500:
+        return ""
+    try:
+        _url_validator(value)
+    except ValidationError:
+        return ""
+    return value
+
+
+def _text(value: Any, limit: int = 150) -> str:
+    return value.strip()[:limit] if isinstance(value, str) else ""
+
+
+def _unique_username(wanted: str, *, clerk_id: str, exclude_pk: int | None = None) -> str:
+    """``wanted`` made a valid, free username: ``alice``, else ``alice-2`` ... else a random suffix."""
+    base = _USERNAME_FORBIDDEN.sub("", wanted)[:140] or _USERNAME_FORBIDDEN.sub("", clerk_id)[:140] or "user"
+    others = User.objects.exclude(pk=exclude_pk) if exclude_pk is not None else User.objects.all()
+    candidates = [base, *(f"{base}-{n}" for n in range(2, 6))]
+    for candidate in candidates:
+        if not others.filter(username=candidate).exists():
+            return candidate
+    return f"{base}-{secrets.token_hex(4)}"
+
+
+def _clerk_profile(*, clerk_id: str, source: dict[str, Any], email: str) -> dict[str, Any]:
+    """Local user fields from a Clerk user object or session claims (both use Clerk's field names)."""
+    first_name = _text(source.get("first_name"))
+    last_name = _text(source.get("last_name"))
+    username = _text(source.get("username")) or email.partition("@")[0] or clerk_id
+    return {
+        "wanted_username": username,
+        "first_name": first_name,
+        "last_name": last_name,
+        "display_name": f"{first_name} {last_name}".strip()[:150] or username[:150],
+        "email": email,
+        "avatar_url": _clean_url(source.get("image_url")),
+    }
+
+
+def _clerk_timestamp(value: Any) -> int | None:
+    """Clerk's ``updated_at`` (ms since the epoch), or None if it is not a plausible one."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < CLERK_DELETED_MARK:
+        return None
+    return value
+
+
+def _clerk_primary_email(data: dict[str, Any]) -> str:
+    primary = data.get("primary_email_address_id")
+    for entry in data.get("email_addresses") or []:
+        if isinstance(entry, dict) and entry.get("id") == primary:
+            return _clean_email(entry.get("email_address"))
+    return ""
+
+
+def _user_create_for_clerk(*, clerk_id: str, profile: dict[str, Any], **extra: Any) -> User:
+    """Insert a local user for ``clerk_id`` (unusable password); a concurrent insert wins and is returned."""
+    for _attempt in range(3):
+        try:
+            with transaction.atomic():
+                user = User(
+                    clerk_id=clerk_id,
+                    username=_unique_username(profile["wanted_username"], clerk_id=clerk_id),
+                    first_name=profile["first_name"],
+                    last_name=profile["last_name"],
+                    display_name=profile["display_name"],
+                    email=profile["email"],
+                    avatar_url=profile["avatar_url"],
+                    **extra,
+                )
+                user.set_unusable_password()
+                user.save()
+                return user
+        except IntegrityError:
+            # Another request created this Clerk user (or took the username) meanwhile.
+            existing = User.objects.filter(clerk_id=clerk_id).first()
+            if existing is not None:
+                return existing
+    raise IntegrityError(f"could not create a local user for Clerk user {clerk_id}")
+
+
+def user_get_or_create_from_clerk_claims(*, claims: dict[str, Any]) -> User:
+    """The local user of a verified Clerk session token, created from its claims if the webhook has not yet.
+
+    Session tokens carry few profile claims (``username``, ``email``, names and ``image_url`` only if the
+    instance's session token is customised); ``user.created``/``user.updated`` fill in the rest.
+    """
+    clerk_id = str(claims["sub"])
+    user = User.objects.filter(clerk_id=clerk_id).first()
+    if user is not None:
+        return user
+    profile = _clerk_profile(clerk_id=clerk_id, source=claims, email=_clean_email(claims.get("email")))
+    with transaction.atomic():
+        return _user_create_for_clerk(clerk_id=clerk_id, profile=profile)
+
+
+@transaction.atomic
+def user_sync_from_clerk(*, data: dict[str, Any], event_type: str) -> tuple[User, bool]:
+    """Apply a Clerk ``user.created``/``user.updated``/``user.deleted`` payload; returns (user, changed).
+
+    An update older than the one stored (Clerk's ``updated_at``, ms) is ignored. ``public_metadata.role``
+    (OWNER/ADMIN/MEMBER) sets the system role. ``user.deleted`` deactivates and anonymises the user
+    (messages stay; broadcasts ``user.deactivated``) and marks them so no later webhook revives them.
+    Broadcasts ``user.updated`` to the user's group after a change.
+    """
+    clerk_id = data.get("id")
+    if not isinstance(clerk_id, str) or not clerk_id or len(clerk_id) > 64:
+        raise InvalidInput("The Clerk user payload has no valid id.", fields={"data.id": ["Required."]})
+    if event_type not in CLERK_USER_EVENTS:
+        raise InvalidInput(f"Not a Clerk user event: {event_type}.")
+    user = User.objects.select_for_update().filter(clerk_id=clerk_id).first()
+    if event_type == "user.deleted":
+        return _user_delete_from_clerk(clerk_id=clerk_id, user=user)
+    updated_at = _clerk_timestamp(data.get("updated_at"))
+    profile = _clerk_profile(clerk_id=clerk_id, source=data, email=_clerk_primary_email(data))
+    if user is None:
+        created = _user_create_for_clerk(clerk_id=clerk_id, profile=profile)
+        user = User.objects.select_for_update().get(pk=created.pk)
+    if user.clerk_updated_at is not None and (updated_at is None or updated_at < user.clerk_updated_at):
+        return user, False
+    if user.username != profile["wanted_username"]:
+        user.username = _unique_username(profile["wanted_username"], clerk_id=clerk_id, exclude_pk=user.pk)
+    for name in ("first_name", "last_name", "display_name", "email", "avatar_url"):
+        setattr(user, name, profile[name])
+    user.clerk_updated_at = updated_at
+    user.save(
+        update_fields=[
+            "username",
+            "first_name",
+            "last_name",
+            "display_name",
+            "email",
+            "avatar_url",
+            "clerk_updated_at",
+        ]
+    )
+    metadata = data.get("public_metadata")
+    role = metadata.get("role") if isinstance(metadata, dict) else None
+    if isinstance(role, str) and role.upper() in SystemRole.values and role.upper() != user.system_role:
+        user_set_system_role(actor=None, user=user, role=role.upper())
+    invalidate_on_commit("user", [user.pk])
+    user_event_on_commit(user_id=user.pk, type="user.updated", data={"id": user.pk, "name": user.name})
+    return user, True
+
+
+def _user_delete_from_clerk(*, clerk_id: str, user: User | None) -> tuple[User, bool]:
+    if user is None:
+        # Deleted before we heard of them: this tombstone keeps a late user.created from creating them.
+        profile = _clerk_profile(clerk_id=clerk_id, source={}, email="")
+        user = _user_create_for_clerk(clerk_id=clerk_id, profile=profile, is_active=False)
+    if user.clerk_updated_at == CLERK_DELETED_MARK:
+        return user, False
+    user.clerk_updated_at = CLERK_DELETED_MARK
+    user.save(update_fields=["clerk_updated_at"])
+    user_deactivate(actor=None, user=user, anonymise=True, reason="clerk user.deleted")
+    return user, True
+
+
+def clerk_session_revoke(*, data: dict[str, Any]) -> str:
+    """Refuse the tokens of a session Clerk reports revoked/ended/removed, for as long as they can live.
+
+    Broadcasts ``session.revoked`` ({"session_id"}) to the user's group after commit, so sockets
+    opened with that session can close.
+    """
+    session_id = data.get("id")
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 64:
+        raise InvalidInput("The Clerk session payload has no valid id.", fields={"data.id": ["Required."]})
+    # Written now, not on commit: a revocation must take effect even if the delivery is retried.
+    cache.set(revoked_session_key(session_id), 1, REVOKED_SESSION_TTL)
+    user_clerk_id = data.get("user_id")
+    user = User.objects.filter(clerk_id=user_clerk_id).first() if isinstance(user_clerk_id, str) else None
+    if user is not None:
+        user_event_on_commit(user_id=user.pk, type="session.revoked", data={"session_id": session_id})
+    return session_id
+
+
+@transaction.atomic
+def clerk_webhook_process(*, svix_id: str, event: dict[str, Any]) -> str:
+    """Apply one verified Clerk webhook exactly once (per ``svix-id``).
+
+    Returns ``"processed"``, ``"ignored"`` (unknown type or an out-of-date update) or ``"duplicate"``
+    (a redelivery, also when two copies race: the unique ``svix_id`` lets one in). The delivery row
+    and its changes commit together, so a failed delivery is retried by Svix.
+    """
+    event_type = event.get("type")
+    data = event.get("data")
+    if not isinstance(event_type, str) or not event_type or not isinstance(data, dict):
+        raise InvalidInput("A Clerk event has a string `type` and an object `data`.")
+    if not svix_id or len(svix_id) > 100:
+        raise InvalidInput("The svix-id header is invalid.")
+    try:
+        with transaction.atomic():
+            WebhookDelivery.objects.create(
+                svix_id=svix_id,
+                event_type=event_type[:64],
+                # Ids only: the payload's personal data would outlive a user.deleted here.
+                payload={
+                    "object_id": str(data.get("id", ""))[:64],
+                    "updated_at": _clerk_timestamp(data.get("updated_at")),
+                },
+            )
+    except IntegrityError:
+        return "duplicate"
+    if event_type in CLERK_USER_EVENTS:
+        _, changed = user_sync_from_clerk(data=data, event_type=event_type)
+        return "processed" if changed else "ignored"
+    if event_type in CLERK_SESSION_END_EVENTS:
+        clerk_session_revoke(data=data)
+        return "processed"
+    return "ignored"
+
+
+# --- API tokens (local login) ---------------------------------------------------
+
+
+@transaction.atomic
+def user_token_issue(*, user: User) -> str:
+    """My DRF API token (created on first use; the same key until revoked)."""
+    from rest_framework.authtoken.models import Token
+
+    token, _ = Token.objects.get_or_create(user=user)
+    return str(token.key)
+
+
+@transaction.atomic
+def user_token_revoke(*, user: User) -> bool:
+    """Delete my DRF API token; False if I had none."""
+    from rest_framework.authtoken.models import Token
+
+    deleted, _ = Token.objects.filter(user=user).delete()
+    return deleted > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from typing import Any
 
@@ -66,7 +67,8 @@ def group_send_now(group: str, message: dict[str, Any]) -> None:
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(group, message)
+        # "ts": when it left, for the consumers' fan-out latency metric.
+        async_to_sync(layer.group_send)(group, {**message, "ts": time.time()})
     except Exception:
         logger.exception("channel layer send to %s failed; clients will resume from the log", group)
         from chatapp import metrics

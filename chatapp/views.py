@@ -1,9 +1,31 @@
 from __future__ import annotations
 
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
+
+
+def clerk_context() -> dict[str, object]:
+    """What the pages need to load Clerk's browser SDK when Clerk is configured."""
+    from django.conf import settings
+
+    from accounts.clerk import clerk_enabled
+
+    enabled = clerk_enabled() and bool(settings.CLERK_PUBLISHABLE_KEY and settings.CLERK_FRONTEND_API_URL)
+    return {
+        "clerk_enabled": enabled,
+        "clerk_publishable_key": settings.CLERK_PUBLISHABLE_KEY,
+        "clerk_js_url": f"{settings.CLERK_FRONTEND_API_URL.rstrip('/')}/npm/@clerk/clerk-js@5/dist/clerk.browser.js",
+    }
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login (local users and staff), with Clerk's sign-in beside it when configured."""
+
+    def get_context_data(self, **kwargs: object) -> dict[str, object]:
+        return {**super().get_context_data(**kwargs), **clerk_context()}
 
 
 @login_required
@@ -20,9 +42,7 @@ def home(request: HttpRequest) -> HttpResponse:
         "heartbeat_seconds": settings.CHAT_HEARTBEAT_SECONDS,
         "service_worker": "/sw.js",
     }
-    return render(
-        request, "chat/index.html", {"chat_config": config, "clerk_enabled": settings.CLERK_ENABLED}
-    )
+    return render(request, "chat/index.html", {"chat_config": config, **clerk_context()})
 
 
 def service_worker(request: HttpRequest) -> HttpResponse:

@@ -59,6 +59,8 @@ def fuzz(schema: Any, *, max_examples: int, headers: dict[str, str], after: Call
     calls = 0
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.method.upper() == "DELETE" and operation.path == "/api/v1/auth/token":
+            continue  # revoking the fuzzing token would turn every later case into a 401
 
         @given(case=operation.as_strategy())
         @hypothesis_settings(

@@ -1,0 +1,307 @@
+"""``python -m bench.run`` (``make bench``, inside scripts/testenv.py): the socket layer under load,
+against two baselines on the same machine. Results: printed, and written to ``bench/results/``.
+
+Scenarios (docs/benchmarks.md):
+
+1. Fan-out: one thread of 100 members, 10 of them sending in turn at rising rates; capacity is
+   the highest rate with p99 delivery latency <= 100 ms and no loss. Run for the app on
+   channels-redis' core layer and on its pub/sub layer, a bare ``websockets`` relay and a bare
+   Channels consumer on the same layer.
+2. Idle: 2,000 authenticated connections opened at once: connect-storm time and failures,
+   memory per connection, database queries per connect (the app), against both baselines.
+3. Scale-out: scenario 1 with the members spread over two app processes, against one.
+
+Everything runs on 127.0.0.1; every loop is bounded; a full run takes about 6-10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import resource
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.load import Target, connect_storm, rising_rates
+from bench.servers import ServerProcess, start_all
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CORE = "channels_redis.core.RedisChannelLayer"
+PUBSUB = "channels_redis.pubsub.RedisPubSubChannelLayer"
+MEMBERS = 100
+IDLE = 2000
+RATES = (25, 50, 100, 150, 200, 300, 400, 600, 800, 1200)
+
+
+def raise_fd_limit() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+SECRET_KEY = "bench-only-secret-key-not-for-production-use"
+
+
+def setup_django() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
+    os.environ.setdefault("CHATAPP_TESTING", "1")
+    os.environ["DJANGO_SECRET_KEY"] = SECRET_KEY  # the servers check the sessions seeded here
+    import django
+
+    django.setup()
+
+
+def seed(users: int, members: int) -> tuple[int, list[str]]:
+    """Users bench0..bench<users-1> with a signed-in session each, and one thread of the first ``members``."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.auth.hashers import make_password
+    from django.contrib.sessions.backends.base import VALID_KEY_CHARS
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.contrib.sessions.models import Session
+    from django.core.management import call_command
+    from django.utils import timezone
+    from django.utils.crypto import get_random_string
+
+    from accounts.models import User
+    from threads.services import thread_create
+
+    call_command("migrate", verbosity=0, interactive=False)
+    password = make_password("bench-password")
+    existing = set(User.objects.filter(username__startswith="bench").values_list("username", flat=True))
+    User.objects.bulk_create(
+        [
+            User(username=f"bench{n}", display_name=f"Bench {n}", password=password)
+            for n in range(users)
+            if f"bench{n}" not in existing
+        ],
+        batch_size=1000,
+    )
+    people = {u.username: u for u in User.objects.filter(username__startswith="bench")}
+    ordered = [people[f"bench{n}"] for n in range(users)]
+    thread, _ = thread_create(creator=ordered[0], title="bench", participant_ids=[u.pk for u in ordered[1:members]])
+    store = SessionStore()
+    expire = timezone.now() + datetime.timedelta(days=1)
+    rows, keys = [], []
+    for user in ordered:
+        key = get_random_string(32, VALID_KEY_CHARS)
+        data = {SESSION_KEY: str(user.pk), BACKEND_SESSION_KEY: "django.contrib.auth.backends.ModelBackend"}
+        data[HASH_SESSION_KEY] = user.get_session_auth_hash()
+        rows.append(Session(session_key=key, session_data=store.encode(data), expire_date=expire))
+        keys.append(key)
+    Session.objects.bulk_create(rows, batch_size=1000)
+    return thread.pk, keys
+
+
+def flush_redis() -> None:
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.flushdb()
+    client.close()
+
+
+def app_servers(count: int, layer: str) -> list[ServerProcess]:
+    servers = [ServerProcess.daphne("bench.instrumented:application") for _ in range(count)]
+    env = {
+        "DJANGO_SETTINGS_MODULE": "chatapp.settings",
+        "DJANGO_SECRET_KEY": SECRET_KEY,
+        "DJANGO_DEBUG": "0",
+        "CHATAPP_TESTING": "0",
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "CHATAPP_WS_ALLOWED_ORIGINS": ",".join(s.origin for s in servers),
+        "CHATAPP_SENDS_PER_MINUTE": "100000000",
+        "CHATAPP_LOG_LEVEL": "WARNING",
+        "CHATAPP_CHANNEL_LAYER": layer,
+    }
+    return start_all(servers, env)
+
+
+def channels_baseline(layer: str) -> ServerProcess:
+    server = ServerProcess.daphne("bench.baseline_channels:application")
+    env = {"CHATAPP_CHANNEL_LAYER": layer, "CHATAPP_LOG_LEVEL": "WARNING", "CHATAPP_TESTING": "1"}
+    return start_all([server], env)[0]
+
+
+def websockets_baseline() -> ServerProcess:
+    server = ServerProcess([sys.executable, "-m", "bench.baseline_ws", "--fd", "{fd}"], name="ws-baseline")
+    return start_all([server])[0]
+
+
+def app_target(servers: list[ServerProcess], cookies: list[str], thread_id: int) -> Target:
+    return Target(
+        urls=[s.ws_url for s in servers],
+        origins=[s.origin for s in servers],
+        app=True,
+        cookies=cookies,
+        thread_id=thread_id,
+    )
+
+
+def relay_target(server: ServerProcess) -> Target:
+    return Target(urls=[server.ws_url], origins=[server.origin], app=False)
+
+
+def queries(server: ServerProcess) -> int:
+    with urllib.request.urlopen(f"{server.origin}/bench/queries", timeout=5) as reply:
+        return int(json.load(reply)["queries"])
+
+
+def capacity(steps: list[dict[str, Any]]) -> int:
+    passing = [s["rate"] for s in steps if s["ok"]]
+    return max(passing, default=0)
+
+
+async def fanout(label: str, target: Target, rates: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    print(f"  fan-out: {label}", flush=True)
+    steps = await rising_rates(target, rates, members=MEMBERS, seconds=seconds)
+    return {"label": label, "capacity": capacity(steps), "steps": steps}
+
+
+async def idle(label: str, target: Target, server: ServerProcess, count: int) -> dict[str, Any]:
+    print(f"  idle: {label} ({count} connections)", flush=True)
+    warm, _, _ = await connect_storm(target, 2)
+    await asyncio.sleep(1)
+    rss_before = server.rss_bytes()
+    queries_before = queries(server) if target.app else 0
+    clients, seconds, failures = await connect_storm(target, count)
+    await asyncio.sleep(2)
+    rss_after = server.rss_bytes()
+    queries_after = queries(server) if target.app else 0
+    result = {
+        "label": label,
+        "connections": len(clients),
+        "failures": failures,
+        "storm_seconds": round(seconds, 2),
+        "connects_per_second": round(len(clients) / seconds, 1) if seconds else None,
+        "kib_per_connection": round((rss_after - rss_before) / max(1, len(clients)) / 1024, 1),
+        "rss_mib": round(rss_after / 2**20, 1),
+        "queries_per_connect": round((queries_after - queries_before) / max(1, len(clients)), 2) if target.app else 0,
+    }
+    print(f"    {result}", flush=True)
+    await asyncio.gather(*(ws.close() for ws in [*warm, *clients]), return_exceptions=True)
+    return result
+
+
+def with_servers(servers: list[ServerProcess], body: Any) -> Any:
+    try:
+        return asyncio.run(body)
+    finally:
+        for server in servers:
+            server.close()
+        flush_redis()
+
+
+def run(quick: bool) -> dict[str, Any]:
+    fds = raise_fd_limit()
+    setup_django()
+    idle_count = 200 if quick else IDLE
+    rates = RATES[:4] if quick else RATES
+    seconds = 2.0 if quick else 4.0
+    print(f"bench: seeding ({IDLE + MEMBERS} users); fd limit {fds}", flush=True)
+    thread_id, cookies = seed(IDLE + MEMBERS, MEMBERS)
+    flush_redis()
+    members, idle_cookies = cookies[:MEMBERS], cookies[MEMBERS:]
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "fanout": []}
+    started = time.monotonic()
+
+    print("1. fan-out, one thread of 100 members", flush=True)
+    for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
+        servers = app_servers(1, layer)
+        target = app_target(servers, members, thread_id)
+        report["fanout"].append(with_servers(servers, fanout(f"app ({name} layer)", target, rates, seconds)))
+    server = websockets_baseline()
+    report["fanout"].append(
+        with_servers([server], fanout("bare websockets relay", relay_target(server), rates, seconds))
+    )
+    for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
+        server = channels_baseline(layer)
+        label = f"bare Channels consumer ({name} layer)"
+        report["fanout"].append(with_servers([server], fanout(label, relay_target(server), rates, seconds)))
+
+    best = max((r for r in report["fanout"] if r["label"].startswith("app")), key=lambda r: r["capacity"])
+    layer = CORE if "core" in best["label"] else PUBSUB
+    report["chosen_layer"] = layer
+
+    print("2. idle connections", flush=True)
+    servers = app_servers(1, layer)
+    report["idle"] = [
+        with_servers(servers, idle("app", app_target(servers, idle_cookies, thread_id), servers[0], idle_count))
+    ]
+    server = websockets_baseline()
+    report["idle"].append(
+        with_servers([server], idle("bare websockets relay", relay_target(server), server, idle_count))
+    )
+    server = channels_baseline(layer)
+    report["idle"].append(
+        with_servers([server], idle("bare Channels consumer", relay_target(server), server, idle_count))
+    )
+
+    print("3. two app processes against one", flush=True)
+    servers = app_servers(2, layer)
+    target = app_target(servers, members, thread_id)
+    two = with_servers(servers, fanout("app, 2 processes", target, rates, seconds))
+    report["scale_out"] = {"one": best, "two": two}
+    report["minutes"] = round((time.monotonic() - started) / 60, 1)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {report['machine']['cpus']} CPUs, Python {report['machine']['python']}; run took "
+        f"{report['minutes']} min. Channel layer chosen: `{report['chosen_layer']}`.",
+        "",
+        "| fan-out (100 members) | capacity (msg/s) | p50 / p99 at capacity (ms) | deliveries/s at capacity |",
+        "|---|---|---|---|",
+    ]
+    for run_ in [*report["fanout"], report["scale_out"]["two"]]:
+        at = next((s for s in run_["steps"] if s["rate"] == run_["capacity"]), None)
+        cell = f"{at['p50_ms']} / {at['p99_ms']}" if at else "—"
+        lines.append(f"| {run_['label']} | {run_['capacity']} | {cell} | {run_['capacity'] * MEMBERS} |")
+    lines += [
+        "",
+        "| idle connections | connected | failures | storm (s) | KiB per connection | queries per connect |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["idle"]:
+        lines.append(
+            f"| {row['label']} | {row['connections']} | {row['failures']} | {row['storm_seconds']} | "
+            f"{row['kib_per_connection']} | {row['queries_per_connect']} |"
+        )
+    app = max((r["capacity"] for r in report["fanout"] if r["label"].startswith("app")), default=0)
+    for row in report["fanout"]:
+        if not row["label"].startswith("app") and row["capacity"]:
+            lines.append(f"\nApp / {row['label']}: {app / row['capacity']:.2f}")
+    one, two = report["scale_out"]["one"]["capacity"], report["scale_out"]["two"]["capacity"]
+    if one:
+        lines.append(f"\nTwo processes / one: {two / one:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short sanity run (fewer steps, 200 idle sockets)")
+    args = parser.parse_args()
+    if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
+        print("bench needs PostgreSQL and Redis: run `make bench` (scripts/testenv.py run -- python -m bench.run)")
+        return 2
+    report = run(args.quick)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (RESULTS / f"{stamp}.md").write_text(text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

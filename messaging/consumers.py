@@ -1,0 +1,586 @@
+"""The one websocket endpoint (``/ws/``): every thread of the user, multiplexed. Protocol: docs/realtime.md.
+
+The consumer is an adapter: it parses a frame, calls the same service the REST API calls and
+answers with an ``ack`` or an ``error``. Events reach it through the channel layer already
+serialised (and, over 10 KB, compressed) once for every member, and it forwards them as they are.
+
+Lossless resume: every thread event carries its ``seq``. The consumer keeps, per subscribed
+thread, the highest sequence it has sent (``high``). A subscribe joins the thread's group
+*before* reading the log after the client's ``last_seq``, so an event committed after the read
+arrives live; frames and layer messages are handled one at a time, so live events that arrive
+while the backlog is being read wait in the channel and are dropped on arrival when their seq is
+not above ``high``. A live event that skips ahead (the layer dropped or reordered one, or Redis
+was down) makes the consumer read the missing range from the log first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.utils import await_many_dispatch
+from django.conf import settings
+from rest_framework import serializers
+
+from chatapp import metrics
+from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
+from chatapp.errors import InvalidInput, NotFound, ServiceError
+from messaging import realtime, services
+from messaging.realtime import db
+from threads import policy
+from threads.selectors import thread_get_for_member, thread_member_ids
+
+logger = logging.getLogger(__name__)
+
+SUBPROTOCOL = "chatapp.v1"
+COMPRESSION = "deflate-raw"
+
+# Close codes (docs/realtime.md). 1xxx are standard; 4xxx are ours.
+CLOSE_TOO_BIG = 1009
+CLOSE_RESTART = 1012
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_DEACTIVATED = 4403
+CLOSE_IDLE = 4408
+CLOSE_TOO_MANY = 4429
+
+realtime.daphne_close_codes()
+
+
+class Malformed(ServiceError):
+    status = 400
+    code = "malformed"
+    default_message = "Frames are JSON objects with a string 'type'."
+
+
+class UnknownType(ServiceError):
+    status = 400
+    code = "unknown_type"
+    default_message = "Unknown frame type."
+
+
+class NotSubscribed(ServiceError):
+    status = 409
+    code = "not_subscribed"
+    default_message = "Subscribe to the thread first."
+
+
+# --- Frame shapes (types only: the rules live in the services) ----------------------------------
+
+
+class HelloFrame(serializers.Serializer):
+    compress = serializers.ChoiceField(choices=[COMPRESSION, "none"], required=False)
+
+
+class ThreadFrame(serializers.Serializer):
+    thread_id = serializers.IntegerField(min_value=1)
+
+
+class SubscribeFrame(ThreadFrame):
+    last_seq = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+
+
+class SendFrame(ThreadFrame):
+    body = serializers.CharField(allow_blank=True, trim_whitespace=False, default="")
+    client_msg_id = serializers.CharField(max_length=64)
+    reply_to = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    attachment_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), max_length=10, default=list)
+
+
+class MessageFrame(serializers.Serializer):
+    message_id = serializers.IntegerField(min_value=1)
+
+
+class EditFrame(MessageFrame):
+    body = serializers.CharField(trim_whitespace=False)
+    version = serializers.IntegerField(min_value=1)
+
+
+class ReactionFrame(MessageFrame):
+    emoji = serializers.CharField(max_length=32)
+
+
+class MarkFrame(ThreadFrame):
+    seq = serializers.IntegerField(min_value=0)
+
+
+def parse(serializer_class: type[serializers.Serializer], frame: dict[str, Any]) -> dict[str, Any]:
+    serializer = serializer_class(data=frame)
+    if not serializer.is_valid():
+        raise InvalidInput("Some fields are invalid.", fields=json.loads(json.dumps(serializer.errors)))
+    return dict(serializer.validated_data)
+
+
+class Subscription:
+    """A thread this socket receives: ``high`` is the highest sequence sent to the client."""
+
+    __slots__ = ("high",)
+
+    def __init__(self, high: int) -> None:
+        self.high = high
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    """One socket of one user. Handles client frames and channel-layer events one at a time."""
+
+    FRAMES = {
+        "hello": "frame_hello",
+        "ping": "frame_ping",
+        "pong": "frame_pong",
+        "subscribe": "frame_subscribe",
+        "unsubscribe": "frame_unsubscribe",
+        "message.send": "frame_message_send",
+        "message.edit": "frame_message_edit",
+        "message.delete": "frame_message_delete",
+        "reaction.add": "frame_reaction_add",
+        "reaction.remove": "frame_reaction_remove",
+        "typing.start": "frame_typing_start",
+        "typing.stop": "frame_typing_stop",
+        "read": "frame_read",
+        "delivered": "frame_delivered",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user: Any = None
+        self.user_id = 0
+        self.conn_id = uuid.uuid4().hex
+        self.accepted = False
+        self.counted = False
+        self.closing = False
+        self.compress = False
+        self.subs: dict[int, Subscription] = {}
+        self.last_heard = time.monotonic()
+        self.internal: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.receipts = realtime.ReceiptBatcher(self._flush_receipts)
+        self.heartbeat: asyncio.Task[None] | None = None
+
+    # --- ASGI plumbing ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' loop, with a channel-layer receive that survives a Redis outage and an internal queue."""
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.base_send = send
+        try:
+            await await_many_dispatch([receive, self._layer_receive, self.internal.get], self.dispatch)
+        except StopConsumer:
+            pass
+        finally:
+            await self._cleanup()
+
+    async def _layer_receive(self) -> dict[str, Any]:
+        delay = 0.1
+        while True:
+            try:
+                return await self.channel_layer.receive(self.channel_name)  # type: ignore[no-any-return]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if realtime.health.up:
+                    logger.warning("channel layer receive failed; retrying", exc_info=True)
+                realtime.health.report_failure()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Unlike channels' dispatch, no close_old_connections hop per message: every database call
+        # here goes through realtime.db, which closes its connection itself.
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is None:
+            logger.warning("no handler for %s", message["type"])
+            return
+        await handler(message)
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        if not self.closing:
+            await self.send(text_data=event_dumps(frame))
+
+    async def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.closing = True
+        await super().close(code=code, reason=reason)
+
+    # --- Connect / disconnect --------------------------------------------------------------------
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        user = self.scope.get("user")
+        if not policy.is_usable(user):
+            await self.close(code=CLOSE_UNAUTHENTICATED)  # before accept: the handshake is refused
+            raise StopConsumer()
+        self.user, self.user_id = user, int(user.pk)
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in self.scope.get("subprotocols", []) else None
+        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
+        self.compress = COMPRESSION in query.get("compress", [])
+        await self.accept(subprotocol)
+        self.accepted = True
+        metrics.open_sockets.inc()
+        realtime.live.add(self)
+        if realtime.draining:
+            await self.close(code=CLOSE_RESTART)
+            return
+        realtime.install_sigterm_drain()
+        first = False
+        try:
+            allowed, first = await realtime.store().connection_open(
+                user_id=self.user_id, conn_id=self.conn_id, limit=settings.CHAT_MAX_CONNECTIONS_PER_USER
+            )
+        except Exception:
+            # Without Redis the limit cannot be counted; refusing everyone would be worse.
+            logger.warning("presence store unavailable; connection not counted", exc_info=True)
+            allowed = True
+        if not allowed:
+            await self.close(code=CLOSE_TOO_MANY)
+            return
+        self.counted = True
+        try:
+            await self.channel_layer.group_add(user_group(self.user_id), self.channel_name)
+        except Exception:
+            logger.warning("group_add failed; will re-join when Redis is back", exc_info=True)
+            realtime.health.report_failure()
+        if settings.REDIS_URL:
+            realtime.health.watch(self)
+        await self.send_frame(
+            {
+                "type": "ready",
+                "data": {
+                    "connection_id": self.conn_id,
+                    "user_id": self.user_id,
+                    "heartbeat": settings.CHAT_HEARTBEAT_SECONDS,
+                    "idle_timeout": settings.CHAT_IDLE_TIMEOUT_SECONDS,
+                    "max_frame_bytes": realtime.MAX_FRAME_BYTES,
+                    "compress": COMPRESSION if self.compress else None,
+                },
+            }
+        )
+        if first:
+            await realtime.presence_broadcast(user_id=self.user_id, online=True)
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        raise StopConsumer()
+
+    async def _cleanup(self) -> None:
+        """Runs once however the consumer ends: client close, our close, cancellation at shutdown."""
+        if not self.accepted:
+            return
+        self.accepted = False
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+        try:
+            await self.receipts.close()
+        except Exception:
+            logger.warning("receipt flush on disconnect failed", exc_info=True)
+        for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:
+                break  # Redis is down: the core layer's group entries expire on their own
+        self.subs.clear()
+        if self.counted:
+            try:
+                last = await realtime.store().connection_close(user_id=self.user_id, conn_id=self.conn_id)
+            except Exception:
+                last = False  # the entry expires and the sweeper announces it
+            if last:
+                await realtime.presence_broadcast(user_id=self.user_id, online=False)
+        metrics.open_sockets.dec()
+        realtime.live.discard(self)
+
+    async def _heartbeat(self) -> None:
+        """Ping a quiet client, close a silent one, and keep this connection counted in the store."""
+        beat = realtime.heartbeat_seconds()
+        idle = realtime.idle_timeout_seconds()
+        while True:
+            await asyncio.sleep(min(beat, idle / 4))
+            silent = time.monotonic() - self.last_heard
+            if silent >= idle:
+                await self.close(code=CLOSE_IDLE)
+                return
+            if silent >= beat:
+                await self.send_frame({"type": "ping", "data": {"ts": time.time()}})
+            try:
+                _, back = await realtime.store().connection_open(
+                    user_id=self.user_id, conn_id=self.conn_id, limit=1 << 30
+                )
+            except Exception:
+                logger.debug("presence refresh failed (Redis down?)", exc_info=True)
+                continue
+            if back:  # the store had lost us (Redis restarted): we are online again
+                await realtime.presence_broadcast(user_id=self.user_id, online=True)
+
+    def shutdown(self) -> None:
+        """The process is stopping (SIGTERM): close with 1012 so the client reconnects elsewhere."""
+        asyncio.get_running_loop().create_task(self.close(code=CLOSE_RESTART))
+
+    def layer_recovered(self) -> None:
+        """Redis is back (or lost its data): re-join groups and catch up, in turn with other messages."""
+        self.internal.put_nowait({"type": "rt.recover"})
+
+    async def rt_recover(self, message: dict[str, Any]) -> None:
+        try:
+            for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
+                await self.channel_layer.group_add(group, self.channel_name)
+        except Exception:
+            realtime.health.report_failure()
+            return
+        for thread_id in list(self.subs):
+            await self._replay(thread_id)
+
+    # --- Client frames ---------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.last_heard = time.monotonic()
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > realtime.MAX_FRAME_BYTES:
+            await self.close(code=CLOSE_TOO_BIG)
+            return
+        request_id = None
+        try:
+            if text_data is None:
+                raise Malformed("Binary frames are not accepted; send JSON text.")
+            try:
+                frame = json.loads(text_data)
+            except ValueError:
+                raise Malformed("The frame is not valid JSON.") from None
+            if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+                raise Malformed()
+            request_id = frame.get("id")
+            if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or len(str(request_id)) > 64:
+                request_id = None
+            name = self.FRAMES.get(frame["type"])
+            if name is None:
+                raise UnknownType(f"Unknown frame type {frame['type'][:64]!r}.")
+            await getattr(self, name)(frame, request_id)
+        except ServiceError as exc:
+            await self.send_frame({"type": "error", "id": request_id, "error": exc.as_dict()})
+        except Exception:
+            logger.exception("socket frame failed")
+            error = {"code": "server_error", "message": "Something went wrong on our side."}
+            await self.send_frame({"type": "error", "id": request_id, "error": error})
+
+    async def ack(self, request_id: Any, data: dict[str, Any] | None = None) -> None:
+        await self.send_frame({"type": "ack", "id": request_id, "data": data or {}})
+
+    async def frame_hello(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(HelloFrame, frame)
+        if "compress" in data:
+            self.compress = data["compress"] == COMPRESSION
+        await self.ack(request_id, {"compress": COMPRESSION if self.compress else None})
+
+    async def frame_ping(self, frame: dict[str, Any], request_id: Any) -> None:
+        await self.send_frame({"type": "pong", "id": request_id, "data": {"ts": time.time()}})
+
+    async def frame_pong(self, frame: dict[str, Any], request_id: Any) -> None:
+        """The answer to our ping: hearing it is all that matters."""
+
+    async def frame_subscribe(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(SubscribeFrame, frame)
+        thread_id, last_seq = data["thread_id"], data.get("last_seq")
+        group = thread_group(thread_id)
+        # Join first: whatever commits after the permission check's read arrives live.
+        await self.channel_layer.group_add(group, self.channel_name)
+        try:
+            access = await db(thread_get_for_member)(thread_id=thread_id, user=self.user, action=policy.Action.VIEW)
+        except ServiceError:
+            if thread_id not in self.subs:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            raise
+        current = access.thread.last_sequence
+        if last_seq is None:
+            self.subs[thread_id] = Subscription(current)
+        elif last_seq > current or current - last_seq > realtime.RESYNC_OVER:
+            self.subs[thread_id] = Subscription(current)
+            reason = "ahead" if last_seq > current else "gap_too_large"
+            await self.send_frame({"type": "resync", "thread_id": thread_id, "seq": current, "reason": reason})
+        else:
+            self.subs[thread_id] = Subscription(last_seq)
+            await self._replay(thread_id, upto=current)
+        sub = self.subs.get(thread_id)
+        if sub is None:  # the backlog ended with our removal
+            raise NotFound("Thread not found.")
+        await self._send_presence(thread_id)
+        await self.ack(request_id, {"thread_id": thread_id, "seq": sub.high})
+
+    async def frame_unsubscribe(self, frame: dict[str, Any], request_id: Any) -> None:
+        thread_id = parse(ThreadFrame, frame)["thread_id"]
+        if self.subs.pop(thread_id, None) is not None:
+            await self.channel_layer.group_discard(thread_group(thread_id), self.channel_name)
+        await self.ack(request_id, {"thread_id": thread_id})
+
+    async def frame_message_send(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(SendFrame, frame)
+        message, created = await db(services.message_send)(
+            sender=self.user,
+            thread_id=data["thread_id"],
+            body=data["body"],
+            client_msg_id=data["client_msg_id"],
+            reply_to_id=data.get("reply_to"),
+            attachment_ids=data["attachment_ids"],
+        )
+        if created:
+            metrics.messages_sent.labels(via="ws").inc()
+        await self.ack(
+            request_id,
+            {
+                "message_id": message.pk,
+                "thread_id": message.thread_id,
+                "seq": message.sequence,
+                "client_msg_id": message.client_msg_id,
+                "created": created,
+            },
+        )
+
+    async def frame_message_edit(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(EditFrame, frame)
+        message, merged = await db(services.message_edit)(
+            actor=self.user, message_id=data["message_id"], body=data["body"], expected_version=data["version"]
+        )
+        await self.ack(request_id, {"message_id": message.pk, "version": message.version, "merged": merged})
+
+    async def frame_message_delete(self, frame: dict[str, Any], request_id: Any) -> None:
+        message_id = parse(MessageFrame, frame)["message_id"]
+        await db(services.message_delete)(actor=self.user, message_id=message_id)
+        await self.ack(request_id, {"message_id": message_id})
+
+    async def frame_reaction_add(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(ReactionFrame, frame)
+        changed = await db(services.reaction_add)(actor=self.user, message_id=data["message_id"], emoji=data["emoji"])
+        await self.ack(request_id, {"message_id": data["message_id"], "emoji": data["emoji"], "changed": changed})
+
+    async def frame_reaction_remove(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(ReactionFrame, frame)
+        changed = await db(services.reaction_remove)(
+            actor=self.user, message_id=data["message_id"], emoji=data["emoji"]
+        )
+        await self.ack(request_id, {"message_id": data["message_id"], "emoji": data["emoji"], "changed": changed})
+
+    def _subscribed(self, frame: dict[str, Any]) -> int:
+        thread_id = int(parse(ThreadFrame, frame)["thread_id"])
+        if thread_id not in self.subs:
+            # Typing never touches the database: the subscription is the permission check.
+            raise NotSubscribed()
+        return thread_id
+
+    async def frame_typing_start(self, frame: dict[str, Any], request_id: Any) -> None:
+        await self._typing(self._subscribed(frame), True, request_id)
+
+    async def frame_typing_stop(self, frame: dict[str, Any], request_id: Any) -> None:
+        await self._typing(self._subscribed(frame), False, request_id)
+
+    async def _typing(self, thread_id: int, typing: bool, request_id: Any) -> None:
+        current = realtime.store()
+        kwargs = {"thread_id": thread_id, "user_id": self.user_id}
+        try:
+            announce = await (current.typing_start(**kwargs) if typing else current.typing_stop(**kwargs))
+        except Exception:
+            announce = True  # without Redis, no throttle; typing is best effort
+        if announce:
+            event = realtime.typing_event(thread_id=thread_id, user_id=self.user_id, typing=typing)
+            await realtime.group_send(thread_group(thread_id), event, from_user=self.user_id)
+        await self.ack(request_id, {"thread_id": thread_id})
+
+    async def frame_read(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(MarkFrame, frame)
+        self.receipts.mark(data["thread_id"], read=data["seq"], request_id=request_id)
+        await self.ack(request_id, {"thread_id": data["thread_id"], "seq": data["seq"]})
+
+    async def frame_delivered(self, frame: dict[str, Any], request_id: Any) -> None:
+        data = parse(MarkFrame, frame)
+        self.receipts.mark(data["thread_id"], delivered=data["seq"], request_id=request_id)
+        await self.ack(request_id, {"thread_id": data["thread_id"], "seq": data["seq"]})
+
+    async def _flush_receipts(self, thread_id: int, mark: realtime.Mark) -> None:
+        try:
+            await db(services.receipt_mark)(
+                user=self.user, thread_id=thread_id, read_up_to=mark.read, delivered_up_to=mark.delivered
+            )
+        except ServiceError as exc:
+            request_id = mark.request_ids[-1] if mark.request_ids else None
+            await self.send_frame({"type": "error", "id": request_id, "error": exc.as_dict()})
+
+    # --- Events from the channel layer ----------------------------------------------------------
+
+    async def chat_event(self, message: dict[str, Any]) -> None:
+        thread_id = message.get("thread_id")
+        if thread_id is None:
+            await self._user_event(message)
+            return
+        sub = self.subs.get(thread_id)
+        if sub is None:
+            return  # not (or no longer) subscribed
+        seq = message.get("seq")
+        if seq is None:
+            if message.get("from_user") != self.user_id:  # typing goes to everyone but its sender
+                await self._forward(message)
+            return
+        if seq <= sub.high:
+            return  # already sent (from the backlog, or a duplicate)
+        if seq > sub.high + 1:
+            await self._replay(thread_id, upto=seq)  # a gap: read it from the log, in order
+            return
+        sub.high = seq
+        await self._forward(message)
+        if message["text"].startswith('{"type":"thread.'):
+            self._apply_thread_event(thread_id, json.loads(message["text"]))
+
+    async def _forward(self, message: dict[str, Any]) -> None:
+        if self.closing:
+            return
+        if self.compress and "z" in message:
+            await self.send(bytes_data=message["z"])
+        else:
+            await self.send(text_data=message["text"])
+        sent_at = message.get("ts")
+        if sent_at is not None:
+            metrics.fanout_latency.observe(max(0.0, time.time() - sent_at))
+
+    def _apply_thread_event(self, thread_id: int, event: dict[str, Any]) -> None:
+        """Safety net: stop a thread this socket may no longer see, even if the user notice was lost."""
+        removed = event["type"] == "thread.participant_removed" and event["data"].get("user_id") == self.user_id
+        if (removed or event["type"] == "thread.deleted") and self.subs.pop(thread_id, None) is not None:
+            self.internal.put_nowait({"type": "rt.discard", "thread_id": thread_id})
+
+    async def rt_discard(self, message: dict[str, Any]) -> None:
+        if message["thread_id"] not in self.subs:
+            await self.channel_layer.group_discard(thread_group(message["thread_id"]), self.channel_name)
+
+    async def _user_event(self, message: dict[str, Any]) -> None:
+        event = json.loads(message["text"])
+        kind = event.get("type")
+        if kind in ("thread.removed", "thread.deleted"):
+            thread_id = event.get("data", {}).get("thread_id")
+            if self.subs.pop(thread_id, None) is not None:
+                await self.channel_layer.group_discard(thread_group(thread_id), self.channel_name)
+        await self._forward(message)
+        if kind == "user.deactivated":
+            await self.close(code=CLOSE_DEACTIVATED)
+
+    async def _replay(self, thread_id: int, upto: int | None = None) -> None:
+        """Send the logged events after ``high`` in order, a page at a time (up to ``upto`` at least)."""
+        while (sub := self.subs.get(thread_id)) is not None:
+            rows = await db(realtime.thread_events_after)(thread_id=thread_id, after=sub.high)
+            for seq, payload in rows:
+                if self.subs.get(thread_id) is not sub:
+                    return
+                sub.high = seq
+                await self._forward(layer_message(payload))
+                if payload.get("type", "").startswith("thread."):
+                    self._apply_thread_event(thread_id, payload)
+            if len(rows) < realtime.BACKLOG_PAGE or (upto is not None and sub.high >= upto):
+                return
+
+    async def _send_presence(self, thread_id: int) -> None:
+        members = await db(thread_member_ids)(thread_id=thread_id)
+        try:
+            online = await realtime.store().online(members)
+        except Exception:
+            return
+        await self.send_frame(realtime.presence_event(thread_id, {uid: uid in online for uid in members}))

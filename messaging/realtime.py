@@ -1,0 +1,545 @@
+"""What the socket layer shares across connections and processes: presence, connection counts,
+typing throttle, receipt debouncing, channel-layer health and graceful shutdown.
+
+Presence and the connection limit live in Redis (``REDIS_URL``) so every daphne process sees
+the same numbers; on the embedded default an in-process store stands in. Nothing here writes
+to the database; presence reads a user's threads and a thread's members.
+
+Redis keys (prefix ``chatapp:rt:``):
+
+- ``conns:<user_id>`` sorted set: connection id -> expiry (epoch seconds), refreshed by heartbeats.
+  A user is online while one entry has not expired; the connection limit counts live entries.
+- ``conns`` sorted set: ``<user_id>:<connection id>`` -> expiry, so the scheduler
+  (:func:`presence_expire_stale`) finds the connections of a process that died without closing
+  them and announces those users offline.
+- ``typing:<thread_id>:<user_id>``: time of the last typing broadcast (expires with the indicator).
+- ``epoch``: a token that disappears when Redis loses its data (restart, flush); a process that
+  sees it change re-joins its channel-layer groups and catches its sockets up from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from chatapp import metrics
+from chatapp.broadcast import group_send_now, layer_message, thread_group
+from threads.models import ThreadEvent, ThreadParticipant
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "chatapp:rt:"
+# The design's limits (see docs/realtime.md).
+MAX_FRAME_BYTES = 100 * 1024
+BACKLOG_PAGE = 500
+RESYNC_OVER = 5000
+TYPING_THROTTLE_SECONDS = 2.0
+TYPING_SHOWN_SECONDS = 6
+RECEIPT_FLUSH_SECONDS = 1.0
+DRAIN_SECONDS = 5.0
+HEALTH_CHECK_SECONDS = 1.0
+
+
+def heartbeat_seconds() -> float:
+    return float(settings.CHAT_HEARTBEAT_SECONDS)
+
+
+def idle_timeout_seconds() -> float:
+    return float(settings.CHAT_IDLE_TIMEOUT_SECONDS)
+
+
+def presence_ttl_seconds() -> float:
+    """How long a connection counts without a heartbeat: two missed beats and a margin."""
+    return 2 * heartbeat_seconds() + 5
+
+
+def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Run ORM code off the event loop, closing the connection afterwards (channels' database_sync_to_async).
+
+    Not thread-sensitive: in an ASGI server every socket would otherwise queue behind one shared
+    sync thread. Each call runs on its own pooled connection, so one socket's frames (awaited in
+    order) stay ordered while different sockets use the database concurrently.
+    """
+    return database_sync_to_async(fn, thread_sensitive=False)  # type: ignore[no-any-return]
+
+
+# --- Reads -------------------------------------------------------------------------------------
+
+
+def thread_events_after(*, thread_id: int, after: int, limit: int = BACKLOG_PAGE) -> list[tuple[int, dict[str, Any]]]:
+    """The next ``limit`` logged events of a thread after sequence ``after``: (seq, exact event JSON).
+
+    The caller has checked access (the socket subscribed through thread_get_for_member).
+    """
+    rows = (
+        ThreadEvent.objects.filter(thread_id=thread_id, sequence__gt=after)
+        .order_by("sequence")
+        .values_list("sequence", "payload")[:limit]
+    )
+    return [(int(seq), payload) for seq, payload in rows]
+
+
+def user_thread_ids(*, user_id: int) -> list[int]:
+    """The live threads a user takes part in (where their presence is shown)."""
+    return list(
+        ThreadParticipant.objects.filter(user_id=user_id, thread__deleted_at__isnull=True).values_list(
+            "thread_id", flat=True
+        )
+    )
+
+
+# --- Presence, connection limit and typing: the store ------------------------------------------
+
+
+class Store(Protocol):
+    async def connection_open(self, *, user_id: int, conn_id: str, limit: int) -> tuple[bool, bool]:
+        """Count a connection in (or refresh it). Returns (allowed, user_came_online); over ``limit``: refused."""
+
+    async def connection_close(self, *, user_id: int, conn_id: str) -> bool:
+        """Count a connection out. Returns whether that was the user's last live connection."""
+
+    async def online(self, user_ids: Iterable[int]) -> set[int]: ...
+
+    async def typing_start(self, *, thread_id: int, user_id: int) -> bool:
+        """Whether to broadcast this typing.start (at most one per TYPING_THROTTLE_SECONDS)."""
+
+    async def typing_stop(self, *, thread_id: int, user_id: int) -> bool:
+        """Whether others may still show the user typing (so a stop is worth broadcasting)."""
+
+    async def epoch(self) -> str: ...
+
+
+_OPEN = """
+local key, all = KEYS[1], KEYS[2]
+local now, expires, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local conn, uid, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+local present = redis.call('ZSCORE', key, conn)
+local n = redis.call('ZCARD', key)
+if not present and n >= limit then return -1 end
+redis.call('ZADD', key, expires, conn)
+redis.call('EXPIRE', key, ttl)
+redis.call('ZADD', all, expires, uid .. ':' .. conn)
+if not present and n == 0 then return 2 end
+return 1
+"""
+
+_CLOSE = """
+local key, all = KEYS[1], KEYS[2]
+local now, conn, uid = ARGV[1], ARGV[2], ARGV[3]
+redis.call('ZREM', all, uid .. ':' .. conn)
+if redis.call('ZREM', key, conn) == 0 then return 0 end
+if redis.call('ZCOUNT', key, now, '+inf') == 0 then return 1 end
+return 0
+"""
+
+_SWEEP = """
+local now, prefix = tonumber(ARGV[1]), ARGV[2]
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
+local gone = {}
+for _, entry in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], entry)
+  local sep = string.find(entry, ':', 1, true)
+  local uid, conn = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+  local key = prefix .. uid
+  local score = redis.call('ZSCORE', key, conn)
+  if score and tonumber(score) <= now then
+    redis.call('ZREM', key, conn)
+    if redis.call('ZCOUNT', key, now, '+inf') == 0 then table.insert(gone, uid) end
+  end
+end
+return gone
+"""
+
+_TYPING = """
+local last = redis.call('GET', KEYS[1])
+if last and (tonumber(ARGV[1]) - tonumber(last)) < tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+_CONNS = f"{KEY_PREFIX}conns"
+# Fail fast: a slow answer here delays a handshake or a heartbeat, never a message.
+_REDIS_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 1, "socket_timeout": 2}
+
+
+class RedisStore:
+    """The store on Redis: every process of the deployment shares it (Lua keeps each step atomic)."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.client = aioredis.Redis.from_url(url, **_REDIS_OPTIONS)
+        self._open = self.client.register_script(_OPEN)
+        self._close = self.client.register_script(_CLOSE)
+        self._typing = self.client.register_script(_TYPING)
+
+    async def connection_open(self, *, user_id: int, conn_id: str, limit: int) -> tuple[bool, bool]:
+        now = time.time()
+        ttl = presence_ttl_seconds()
+        args: list[float | str] = [now, now + ttl, limit, conn_id, user_id, math.ceil(ttl)]
+        result = int(await self._open(keys=[f"{_CONNS}:{user_id}", _CONNS], args=args))
+        return result >= 0, result == 2
+
+    async def connection_close(self, *, user_id: int, conn_id: str) -> bool:
+        return bool(await self._close(keys=[f"{_CONNS}:{user_id}", _CONNS], args=[time.time(), conn_id, user_id]))
+
+    async def online(self, user_ids: Iterable[int]) -> set[int]:
+        ids = list(user_ids)
+        if not ids:
+            return set()
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        for uid in ids:
+            pipe.zcount(f"{_CONNS}:{uid}", now, "+inf")
+        counts = await pipe.execute()
+        return {uid for uid, count in zip(ids, counts, strict=True) if count}
+
+    async def typing_start(self, *, thread_id: int, user_id: int) -> bool:
+        key = f"{KEY_PREFIX}typing:{thread_id}:{user_id}"
+        args = [time.time(), TYPING_THROTTLE_SECONDS, TYPING_SHOWN_SECONDS * 1000]
+        return bool(await self._typing(keys=[key], args=args))
+
+    async def typing_stop(self, *, thread_id: int, user_id: int) -> bool:
+        return bool(await self.client.delete(f"{KEY_PREFIX}typing:{thread_id}:{user_id}"))
+
+    async def epoch(self) -> str:
+        key = f"{KEY_PREFIX}epoch"
+        await self.client.set(key, uuid.uuid4().hex, nx=True)
+        value = await self.client.get(key)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class MemoryStore:
+    """The same store inside one process, for the embedded default (one process, no Redis)."""
+
+    def __init__(self) -> None:
+        self.conns: dict[int, dict[str, float]] = {}
+        self.typing: dict[tuple[int, int], float] = {}
+        self.token = uuid.uuid4().hex
+
+    def _live(self, user_id: int, now: float) -> dict[str, float]:
+        conns = {c: exp for c, exp in self.conns.get(user_id, {}).items() if exp > now}
+        self.conns[user_id] = conns
+        return conns
+
+    async def connection_open(self, *, user_id: int, conn_id: str, limit: int) -> tuple[bool, bool]:
+        conns = self._live(user_id, time.time())
+        present = conn_id in conns
+        if not present and len(conns) >= limit:
+            return False, False
+        first = not present and not conns
+        conns[conn_id] = time.time() + presence_ttl_seconds()
+        return True, first
+
+    async def connection_close(self, *, user_id: int, conn_id: str) -> bool:
+        if self.conns.get(user_id, {}).pop(conn_id, None) is None:
+            return False
+        return not self._live(user_id, time.time())
+
+    async def online(self, user_ids: Iterable[int]) -> set[int]:
+        now = time.time()
+        return {uid for uid in user_ids if self._live(uid, now)}
+
+    def sweep(self) -> list[int]:
+        now = time.time()
+        gone = [uid for uid, conns in self.conns.items() if conns and not self._live(uid, now)]
+        self.conns = {uid: conns for uid, conns in self.conns.items() if conns}
+        return gone
+
+    async def typing_start(self, *, thread_id: int, user_id: int) -> bool:
+        now = time.time()
+        last = self.typing.get((thread_id, user_id))
+        if last is not None and now - last < TYPING_THROTTLE_SECONDS:
+            return False
+        self.typing = {k: v for k, v in self.typing.items() if now - v < TYPING_SHOWN_SECONDS}
+        self.typing[(thread_id, user_id)] = now
+        return True
+
+    async def typing_stop(self, *, thread_id: int, user_id: int) -> bool:
+        last = self.typing.pop((thread_id, user_id), None)
+        return last is not None and time.time() - last < TYPING_SHOWN_SECONDS
+
+    async def epoch(self) -> str:
+        return self.token
+
+
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = weakref.WeakKeyDictionary()
+_memory_store = MemoryStore()
+
+
+def store() -> Store:
+    """The store for the running event loop (redis-py's asyncio clients belong to one loop)."""
+    if not settings.REDIS_URL:
+        return _memory_store
+    loop = asyncio.get_running_loop()
+    found = _stores.get(loop)
+    if found is None:
+        found = _stores[loop] = RedisStore(settings.REDIS_URL)
+    return found
+
+
+def presence_event(thread_id: int, users: dict[int, bool]) -> dict[str, Any]:
+    return {
+        "type": "presence",
+        "thread_id": thread_id,
+        "data": {"users": [{"user_id": uid, "online": online} for uid, online in sorted(users.items())]},
+    }
+
+
+def presence_expire_stale() -> int:
+    """Drop the connections of processes that died without closing them; announce who went offline.
+
+    Run by the scheduler (``settings.PRESENCE_EXPIRE_FUNCTION``, every ~30 s). The sweep is one
+    Lua script, so several runners never announce the same user twice. Returns how many users.
+    """
+    if settings.REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL, **_REDIS_OPTIONS)
+        try:
+            gone = sorted({int(uid) for uid in client.eval(_SWEEP, 1, _CONNS, time.time(), f"{_CONNS}:")})
+        finally:
+            client.close()
+    else:
+        gone = _memory_store.sweep()
+    for user_id in gone:
+        for thread_id in user_thread_ids(user_id=user_id):
+            group_send_now(thread_group(thread_id), layer_message(presence_event(thread_id, {user_id: False})))
+    return len(gone)
+
+
+# --- Channel layer -----------------------------------------------------------------------------
+
+
+async def group_send(group: str, event: dict[str, Any], **routing: Any) -> bool:
+    """Send an event (serialised once) to a group from async code; a failure is logged, not raised.
+
+    ``routing`` adds keys the consumer reads without parsing the text (e.g. ``from_user``).
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    message = layer_message(event)
+    message.update(routing)
+    message["ts"] = time.time()
+    try:
+        await layer.group_send(group, message)
+    except Exception:
+        logger.warning("channel layer send to %s failed", group, exc_info=True)
+        metrics.channel_layer_errors.inc()
+        health.report_failure()
+        return False
+    return True
+
+
+async def presence_broadcast(*, user_id: int, online: bool) -> None:
+    """Tell every thread the user shares that they came online or went offline."""
+    for thread_id in await db(user_thread_ids)(user_id=user_id):
+        await group_send(thread_group(thread_id), presence_event(thread_id, {user_id: online}))
+
+
+def typing_event(*, thread_id: int, user_id: int, typing: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {"user_id": user_id, "typing": typing}
+    if typing:
+        data["expires_in"] = TYPING_SHOWN_SECONDS
+    return {"type": "typing", "thread_id": thread_id, "data": data}
+
+
+class Health:
+    """Watches Redis for this process and notices outages and restarts.
+
+    After Redis comes back (or lost its data: the ``epoch`` token changed), every live consumer is
+    told to re-join its groups and catch up from the event log, so nothing sent meanwhile is lost.
+    """
+
+    def __init__(self) -> None:
+        self.up = True
+        self.listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._task: asyncio.Task[None] | None = None
+        self._epoch: str | None = None
+
+    def watch(self, listener: Any) -> None:
+        """Register a consumer (it must have ``layer_recovered()``) and start the watcher if needed."""
+        self.listeners.add(listener)
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run())
+
+    def report_failure(self) -> None:
+        self.up = False
+
+    async def _run(self) -> None:
+        while self.listeners:
+            await asyncio.sleep(HEALTH_CHECK_SECONDS)
+            await self.check()
+
+    async def check(self) -> None:
+        try:
+            epoch = await store().epoch()
+        except Exception:
+            if self.up:
+                logger.warning("Redis is unreachable; sockets stay open and will catch up when it returns")
+            self.up = False
+            return
+        recovered = not self.up or (self._epoch is not None and epoch != self._epoch)
+        self.up, self._epoch = True, epoch
+        if recovered:
+            logger.warning("Redis is back; re-joining groups and catching up %d sockets", len(self.listeners))
+            for listener in list(self.listeners):
+                listener.layer_recovered()
+
+
+health = Health()
+
+
+# --- Receipts ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Mark:
+    read: int | None = None
+    delivered: int | None = None
+    request_ids: list[Any] = field(default_factory=list)
+
+    def merge(self, *, read: int | None, delivered: int | None, request_id: Any) -> None:
+        if read is not None:
+            self.read = max(self.read or 0, read)
+        if delivered is not None:
+            self.delivered = max(self.delivered or 0, delivered)
+        if request_id is not None:
+            self.request_ids.append(request_id)
+
+
+class ReceiptBatcher:
+    """Keeps the highest read/delivered mark per thread and writes each thread at most once per interval.
+
+    The first mark of a quiet thread is written at once; marks arriving within the interval after
+    a write are merged into the next one. ``close()`` writes whatever is pending (on disconnect).
+    """
+
+    def __init__(self, flush: Callable[[int, Mark], Awaitable[None]], interval: float = RECEIPT_FLUSH_SECONDS) -> None:
+        self._flush = flush
+        self.interval = interval
+        self._pending: dict[int, Mark] = {}
+        self._timers: dict[int, asyncio.Task[None]] = {}
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._last: dict[int, float] = {}
+
+    def mark(
+        self, thread_id: int, *, read: int | None = None, delivered: int | None = None, request_id: Any = None
+    ) -> None:
+        self._pending.setdefault(thread_id, Mark()).merge(read=read, delivered=delivered, request_id=request_id)
+        if thread_id not in self._timers:
+            delay = max(0.0, self._last.get(thread_id, -math.inf) + self.interval - time.monotonic())
+            self._timers[thread_id] = asyncio.get_running_loop().create_task(self._later(thread_id, delay))
+
+    async def _later(self, thread_id: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        task = self._timers.pop(thread_id)
+        self._flushing.add(task)
+        try:
+            self._last[thread_id] = time.monotonic()
+            mark = self._pending.pop(thread_id, None)
+            if mark is not None:
+                await self._flush(thread_id, mark)
+        finally:
+            self._flushing.discard(task)
+
+    async def close(self) -> None:
+        for task in self._timers.values():
+            task.cancel()
+        self._timers.clear()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+        pending, self._pending = self._pending, {}
+        for thread_id, mark in pending.items():
+            await self._flush(thread_id, mark)
+
+
+# --- Live sockets of this process and graceful shutdown ----------------------------------------
+
+# Every open consumer of this process (for the SIGTERM drain).
+live: weakref.WeakSet[Any] = weakref.WeakSet()
+draining = False
+_sigterm_installed = False
+
+
+def daphne_close_codes() -> None:
+    """Let the app close a socket with the server codes 1001-1014 (1009 too big, 1012 restart) on daphne.
+
+    Daphne hands an ASGI ``websocket.close`` code to autobahn's ``sendClose``, which only accepts the
+    codes a *browser* may send (1000, 3000-4999). RFC 6455 lets a server send the IANA codes; daphne
+    itself sends 1011 with autobahn's ``sendCloseFrame``, which is what this uses for 1001-1014.
+    """
+    try:
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:  # pragma: no cover - another ASGI server passes the code through
+        return
+    if getattr(WebSocketProtocol.serverClose, "chatapp_patched", False):
+        return
+    original = WebSocketProtocol.serverClose
+
+    def server_close(self: Any, code: int | None = None) -> None:
+        if code is not None and 1001 <= code <= 1014:
+            self.sendCloseFrame(code=code)
+        else:
+            original(self, code)
+
+    server_close.chatapp_patched = True  # type: ignore[attr-defined]
+    WebSocketProtocol.serverClose = server_close  # type: ignore[method-assign]
+
+
+def install_sigterm_drain() -> None:
+    """Under daphne, close every socket with 1012 (service restart) on SIGTERM before the server stops.
+
+    Daphne's own SIGTERM stops the reactor and cancels the consumers, which drops the TCP connections
+    without a close frame (clients see 1006). Installed from the first connection, when Twisted's
+    handler is in place: ours asks every consumer to close with 1012, waits up to DRAIN_SECONDS for
+    them to finish (receipts flushed, presence updated), then calls Twisted's handler.
+    """
+    global _sigterm_installed
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if _sigterm_installed or reactor is None or not getattr(reactor, "running", False):
+        return
+    _sigterm_installed = True
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(lambda: loop.create_task(_drain(previous, signum, frame)))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+async def _drain(previous: Any, signum: int, frame: FrameType | None) -> None:
+    global draining
+    if draining:
+        return
+    draining = True
+    logger.warning("SIGTERM: closing %d sockets with 1012 before stopping", len(live))
+    for consumer in list(live):
+        consumer.shutdown()
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while live and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if callable(previous):
+        previous(signum, frame)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)

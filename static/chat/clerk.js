@@ -1,0 +1,37 @@
+/* Clerk in the browser (only loaded when Clerk is configured): the hosted sign-in component on the
+ * login page, a fresh __session cookie on the chat page (Clerk's SDK refreshes it), and sign-out.
+ * The server verifies that cookie on every page, API call and socket (accounts/clerk.py). */
+(() => {
+  "use strict";
+
+  function whenClerk(callback) {
+    const started = Date.now();
+    const wait = () => {
+      if (window.Clerk) {
+        window.Clerk.load().then(() => callback(window.Clerk));
+      } else if (Date.now() - started < 15000) {
+        setTimeout(wait, 50);
+      }
+    };
+    wait();
+  }
+
+  whenClerk((clerk) => {
+    const mount = document.getElementById("clerk-sign-in");
+    if (mount) {
+      const target = mount.dataset.afterSignIn || "/";
+      if (clerk.user) {
+        window.location.assign(target);
+        return;
+      }
+      clerk.mountSignIn(mount, { forceRedirectUrl: target, signUpForceRedirectUrl: target });
+    }
+    const signOut = document.getElementById("clerk-signout");
+    if (signOut) {
+      signOut.addEventListener("click", async () => {
+        await clerk.signOut();
+        window.location.assign("/accounts/login/");
+      });
+    }
+  });
+})();

@@ -1,0 +1,242 @@
+"""End to end: real daphne processes sharing one PostgreSQL and one Redis, real websocket clients.
+
+Scale-out (two processes, every feature crosses between them) and the faults the design must
+survive: a connection killed mid-stream, Redis stopped for 10 s while messages are sent, and a
+server process stopped with SIGTERM while clients are connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from accounts.models import User
+from bench.servers import ServerProcess
+from messaging.models import Message
+from tests.conftest import needs
+from tests.live import Client, session_cookie, start_servers
+from threads.models import Thread
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
+
+SERVER_ENV = {"CHATAPP_SENDS_PER_MINUTE": "100000", "CHATAPP_MAX_CONNECTIONS_PER_USER": "3"}
+
+
+@pytest.fixture(scope="module")
+def pair(django_db_setup: None) -> Iterator[list[ServerProcess]]:
+    """Two app processes for the module (they outlive each test's data, not each test's database)."""
+    needs("postgres")
+    needs("redis")
+    servers = start_servers(2, **SERVER_ENV)
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def load_testenv() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("testenv", "scripts/testenv.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def message_seqs(client: Client, thread_id: int) -> list[int]:
+    return [f["seq"] for f in client.events("message.created", thread_id)]
+
+
+async def send(client: Client, thread: Thread, body: str, client_msg_id: str) -> dict[str, Any]:
+    ack = await client.request("message.send", thread_id=thread.pk, body=body, client_msg_id=client_msg_id)
+    assert ack["type"] == "ack", ack
+    return ack["data"]  # type: ignore[no-any-return]
+
+
+def test_two_processes_carry_messages_edits_reactions_typing_presence_and_receipts(
+    pair: list[ServerProcess], alice: User, bob: User, thread: Thread
+) -> None:
+    one, two = pair
+    cookies = session_cookie(alice), session_cookie(bob)
+
+    async def scenario() -> None:
+        a = await Client.open(one, cookies[0])
+        b = await Client.open(two, cookies[1], subprotocols=["chatapp.v1"])
+        assert b.ws.subprotocol == "chatapp.v1"
+        await a.request("subscribe", thread_id=thread.pk, last_seq=0)
+        await b.request("subscribe", thread_id=thread.pk, last_seq=0)
+        # Presence crosses processes: bob's snapshot shows alice (connected to the other process).
+        snapshot = b.events("presence", thread.pk)[0]["data"]["users"]
+        assert {"user_id": alice.pk, "online": True} in snapshot
+
+        sent = await send(a, thread, "hello from one", "x-1")
+        created = await b.wait_for(lambda f: f["type"] == "message.created")
+        assert created["data"]["message"]["body"] == "hello from one"
+        assert created["seq"] == sent["seq"]
+        await a.wait_for(lambda f: f["type"] == "message.created" and f["seq"] == sent["seq"])
+
+        edit = await a.request("message.edit", message_id=sent["message_id"], body="hello from process one", version=1)
+        assert edit["data"]["version"] == 2
+        updated = await b.wait_for(lambda f: f["type"] == "message.updated")
+        assert updated["data"]["message"]["body"] == "hello from process one"
+
+        assert (await b.request("reaction.add", message_id=sent["message_id"], emoji="🎉"))["data"]["changed"]
+        added = await a.wait_for(lambda f: f["type"] == "reaction.added")
+        assert added["data"]["reactions"] == [{"emoji": "🎉", "count": 1, "user_ids": [bob.pk]}]
+
+        await b.request("typing.start", thread_id=thread.pk)
+        typing = await a.wait_for(lambda f: f["type"] == "typing")
+        assert typing["data"] == {"user_id": bob.pk, "typing": True, "expires_in": 6}
+
+        await b.request("read", thread_id=thread.pk, seq=updated["seq"])
+        receipt = await a.wait_for(lambda f: f["type"] == "receipt" and f["data"]["user_id"] == bob.pk)
+        assert receipt["data"]["read"] == updated["seq"]
+
+        await a.request("message.delete", message_id=sent["message_id"])
+        deleted = await b.wait_for(lambda f: f["type"] == "message.deleted")
+        assert deleted["data"]["message"]["deleted"] is True
+
+        await a.wait_for(lambda f: f["type"] == "message.deleted")
+        # Every thread event reached both sockets once, in order.
+        assert a.seqs(thread.pk) == b.seqs(thread.pk) == list(range(1, deleted["seq"] + 1))
+        assert not b.events("typing")  # never echoed to the typist
+
+        await b.close()
+        offline = await a.wait_for(lambda f: f["type"] == "presence" and f["data"]["users"][0]["online"] is False)
+        assert offline["data"]["users"] == [{"user_id": bob.pk, "online": False}]
+        await a.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_connection_limit_is_counted_across_processes(pair: list[ServerProcess], alice: User) -> None:
+    one, two = pair
+    cookie = session_cookie(alice)
+
+    async def scenario() -> None:
+        kept = [await Client.open(one, cookie), await Client.open(two, cookie), await Client.open(one, cookie)]
+        fourth = await connect(two.ws_url, origin=two.origin, additional_headers={"Cookie": f"sessionid={cookie}"})  # type: ignore[arg-type]
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(fourth.recv(), 5)
+        assert fourth.close_code == 4429
+        await kept[0].close()
+        fifth = await Client.open(two, cookie)  # a slot is free again
+        for client in [*kept[1:], fifth]:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_connection_resumes_with_exactly_the_missed_messages(
+    pair: list[ServerProcess], alice: User, bob: User, thread: Thread
+) -> None:
+    one, two = pair
+    cookies = session_cookie(alice), session_cookie(bob)
+
+    async def scenario() -> None:
+        a = await Client.open(one, cookies[0])
+        b = await Client.open(two, cookies[1])
+        await b.request("subscribe", thread_id=thread.pk, last_seq=0)
+        first = await send(a, thread, "before", "k-0")
+        await b.wait_for(lambda f: f.get("seq") == first["seq"] and f["type"] == "message.created")
+        last_seen = max(b.seqs(thread.pk))
+        b.ws.transport.abort()  # the network drops: no close frame
+        acked = [await send(a, thread, f"while away {n}", f"k-{n + 1}") for n in range(50)]
+        back = await Client.open(one, cookies[1])  # reconnects to the other process
+        ack = await back.request("subscribe", thread_id=thread.pk, last_seq=last_seen)
+        missed = back.events("message.created", thread.pk)
+        assert [f["seq"] for f in missed] == [m["seq"] for m in acked]
+        assert [f["data"]["message"]["body"] for f in missed] == [f"while away {n}" for n in range(50)]
+        assert ack["data"]["seq"] == acked[-1]["seq"]
+        after = await send(a, thread, "after", "k-after")
+        await back.wait_for(lambda f: f["type"] == "message.created" and f["seq"] == after["seq"])
+        await asyncio.sleep(0.3)
+        assert message_seqs(back, thread.pk) == [m["seq"] for m in acked] + [after["seq"]]
+        await a.close()
+        await back.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_down_for_10s_loses_no_acknowledged_message(
+    pair: list[ServerProcess], alice: User, bob: User, thread: Thread
+) -> None:
+    env = load_testenv()
+    one, two = pair
+    cookies = session_cookie(alice), session_cookie(bob)
+
+    async def scenario() -> tuple[list[dict[str, Any]], Client, Client]:
+        a = await Client.open(one, cookies[0])
+        b = await Client.open(two, cookies[1])
+        for client in (a, b):
+            await client.request("subscribe", thread_id=thread.pk, last_seq=0)
+        acked: list[dict[str, Any]] = []
+        start = time.monotonic()
+        stopped = restarted = False
+        n = 0
+        while time.monotonic() - start < 15:
+            elapsed = time.monotonic() - start
+            if elapsed > 2 and not stopped:
+                await asyncio.to_thread(env.stop_service, "redis")
+                stopped = True
+            if elapsed > 12 and not restarted:
+                await asyncio.to_thread(env.start_service, "redis")
+                restarted = True
+            reply = await a.request("message.send", thread_id=thread.pk, body=f"m{n}", client_msg_id=f"o-{n}")
+            if reply["type"] == "ack":
+                acked.append(reply["data"])
+            n += 1
+            await asyncio.sleep(0.1)
+        assert stopped
+        assert restarted
+        # Both sockets survived and catch up by themselves once Redis is back.
+        want = {m["seq"] for m in acked}
+        for client in (a, b):
+            await client.wait_for(lambda f, c=client: want <= set(message_seqs(c, thread.pk)), timeout=15)  # type: ignore[misc]
+            assert not client.closed  # the socket stayed open through the outage
+        return acked, a, b
+
+    acked, a, b = asyncio.run(scenario())
+    assert len(acked) >= 100
+    stored = dict(Message.objects.filter(thread=thread).values_list("client_msg_id", "sequence"))
+    assert all(stored.get(m["client_msg_id"]) == m["seq"] for m in acked)
+    for client in (a, b):
+        got = message_seqs(client, thread.pk)
+        assert got == sorted(set(got))  # in order, once
+
+
+def test_sigterm_closes_sockets_with_1012_and_clients_resume_elsewhere(alice: User, bob: User, thread: Thread) -> None:
+    needs("postgres")
+    needs("redis")
+    leaving, staying = start_servers(2, **SERVER_ENV)
+    cookies = session_cookie(alice), session_cookie(bob)
+    try:
+
+        async def scenario() -> None:
+            a = await Client.open(leaving, cookies[0])
+            b = await Client.open(staying, cookies[1])
+            await a.request("subscribe", thread_id=thread.pk, last_seq=0)
+            await b.request("subscribe", thread_id=thread.pk, last_seq=0)
+            first = await send(b, thread, "one", "t-1")
+            await a.wait_for(lambda f: f["type"] == "message.created" and f["seq"] == first["seq"])
+            stopping = asyncio.get_running_loop().run_in_executor(None, leaving.stop)
+            assert await a.wait_closed() == 1012
+            assert await stopping == 0
+            acked = [await send(b, thread, f"while restarting {n}", f"t-{n + 2}") for n in range(5)]
+            again = await Client.open(staying, cookies[0])
+            await again.request("subscribe", thread_id=thread.pk, last_seq=max(a.seqs(thread.pk)))
+            assert message_seqs(again, thread.pk) == [m["seq"] for m in acked]
+            await again.close()
+            await b.close()
+
+        asyncio.run(scenario())
+    finally:
+        leaving.close()
+        staying.close()
