@@ -236,3 +236,49 @@ def test_phone_width_and_keyboard(browser: Any, live_daphne: LiveServer, make_us
     page.wait_for_selector("#messages .message:not(.pending) .body:has-text('from a phone')")
     assert re.search(r"from a phone", page.inner_text("#messages"))
     shot(page, "phone")
+
+
+def test_mentions_members_and_new_conversation(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    thread, _ = off_loop(thread_create, creator=alice, title="Team", participant_ids=[bob.pk])
+    page = open_chat(browser, live_daphne, alice)
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    wait_connected(page)
+
+    # @ completion offers the thread's members; Enter picks one.
+    page.click("#input")
+    page.keyboard.type("hi @bo")
+    page.wait_for_selector("#mention-list:not([hidden]) li:has-text('@bob')")
+    page.keyboard.press("Enter")
+    assert page.input_value("#input") == "hi @bob "
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#messages .message:not(.pending) .body:has-text('hi @bob')")
+
+    # The owner adds carol and makes her an admin through the members dialog.
+    page.click("#members-btn")
+    page.fill("#mb-people", "car")
+    page.click("#mb-results button:has-text('Carol')")
+    page.wait_for_selector("#members-list li:has-text('Carol')")
+    page.select_option("#members-list select[aria-label='Role of Carol']", "ADMIN")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#members-list select')].some((s) => s.value === 'ADMIN')"
+    )
+    page.click("#mb-close")
+    from threads.models import ThreadParticipant
+
+    assert ThreadParticipant.objects.get(thread=thread, user=carol).role == "ADMIN"
+
+    # A new direct conversation from the dialog.
+    page.click("#new-thread-btn")
+    page.fill("#nt-people", "car")
+    page.click("#nt-results button:has-text('Carol')")
+    page.click("#nt-create")
+    page.wait_for_selector("#thread-title:text('Carol')")
+    assert Thread.objects.filter(
+        kind="DIRECT", direct_key=f"{min(alice.pk, carol.pk)}:{max(alice.pk, carol.pk)}"
+    ).exists()
+    shot(page, "members-and-direct")
+    assert page.js_errors == []
