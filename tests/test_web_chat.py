@@ -282,3 +282,38 @@ def test_mentions_members_and_new_conversation(
     ).exists()
     shot(page, "members-and-direct")
     assert page.js_errors == []
+
+
+def test_edit_conflict_shows_both_texts_and_lets_me_choose(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    from messaging.services import message_edit
+
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Edits", participant_ids=[bob.pk])
+    message, _ = off_loop(message_send, sender=alice, thread_id=thread.pk, body="the quick fox", client_msg_id="e")
+    page = open_chat(browser, live_daphne, alice)
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    wait_connected(page)
+    mine = page.locator("#messages .message.mine", has_text="the quick fox")
+    mine.hover()
+    mine.locator("button[aria-label='Edit']").click()
+    page.fill(".edit-box", "the fast fox")
+    # Meanwhile another of alice's devices changes the same word; the live update must not drop my draft.
+    off_loop(message_edit, actor=alice, message_id=message.pk, body="the slow fox", expected_version=1)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.message')].some((m) => m.textContent.includes('edited'))"
+    )
+    assert page.input_value(".edit-box") == "the fast fox"
+    page.press(".edit-box", "Enter")
+    page.wait_for_selector("#conflict-dialog[open]")
+    assert page.input_value("#cf-current") == "the slow fox"
+    assert page.input_value("#cf-mine") == "the fast fox"
+    page.fill("#cf-mine", "the fast and slow fox")
+    page.click("#cf-save")
+    page.wait_for_selector("#messages .message .body:has-text('the fast and slow fox')")
+    message.refresh_from_db()
+    assert message.body == "the fast and slow fox"
+    assert message.version == 3
+    shot(page, "edit-conflict")

@@ -30,6 +30,7 @@
     replyTo: null,
     uploads: [], // {file, id, progress, error, done}
     loadingOlder: false,
+    editing: null, // {id, version, draft} while a message is being edited
   };
 
   // ---------------------------------------------------------------- utilities
@@ -506,6 +507,11 @@
       list.append(renderMessage(message, grouped));
       previous = message;
     }
+    if (state.editing) {
+      const editing = [...threadMessages(threadId).values()].find((m) => m.id === state.editing.id);
+      if (editing && !editing.deleted) startEdit(editing, state.editing.draft, state.editing.version);
+      else state.editing = null;
+    }
     if (stick || atBottom) history.scrollTop = history.scrollHeight;
   }
 
@@ -601,25 +607,38 @@
   }
 
   // ---------------------------------------------------------------- editing, deleting, reactions
-  function startEdit(message) {
+  function startEdit(message, draft = null, version = null) {
     const node = document.querySelector('[data-id="' + message.id + '"]');
     if (!node) return;
+    // Kept across live re-renders, with the version the edit started from (a stale one merges or conflicts).
+    state.editing = { id: message.id, version: version || message.version, draft: draft === null ? message.body : draft };
     const body = node.querySelector(".body");
     const area = el("textarea", { class: "edit-box", rows: "3", "aria-label": "Edit message" });
-    area.value = message.body;
+    area.value = state.editing.draft;
     const save = el("button", { type: "button", class: "primary", text: "Save" });
     const cancel = el("button", { type: "button", text: "Cancel" });
     const form = el("div", { class: "edit-form" }, area, el("div", { class: "edit-actions" }, cancel, save));
     body.replaceWith(form);
     area.focus();
-    cancel.addEventListener("click", () => renderMessages({ stick: false }));
-    const submit = () => saveEdit(message, area.value, message.version);
+    const stop = () => {
+      state.editing = null;
+      renderMessages({ stick: false });
+    };
+    area.addEventListener("input", () => {
+      if (state.editing) state.editing.draft = area.value;
+    });
+    cancel.addEventListener("click", stop);
+    const submit = () => {
+      const startedAt = state.editing ? state.editing.version : message.version;
+      state.editing = null;
+      saveEdit(message, area.value, startedAt);
+    };
     save.addEventListener("click", submit);
     area.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey) {
         e.preventDefault();
         submit();
-      } else if (e.key === "Escape") renderMessages({ stick: false });
+      } else if (e.key === "Escape") stop();
     });
   }
 
