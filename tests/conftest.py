@@ -92,6 +92,9 @@ def _clear_cache() -> None:
         client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
         prefix = settings.CACHES["default"].get("KEY_PREFIX", "")
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        # Presence and typing state of earlier tests' sockets goes too (not the channel layer's groups).
+        keys += list(client.scan_iter(match="chatapp:rt:conns*", count=1000))
+        keys += list(client.scan_iter(match="chatapp:rt:typing*", count=1000))
         if keys:
             client.delete(*keys)
     else:
