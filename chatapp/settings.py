@@ -197,6 +197,8 @@ def _database_from_url(url: str) -> dict[str, Any]:
 if DATABASE_URL:
     DATABASES = {"default": _database_from_url(DATABASE_URL)}
 else:
+    # The embedded default keeps everything under one data folder, created on first start.
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",

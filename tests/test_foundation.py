@@ -107,3 +107,41 @@ def test_large_events_are_compressed_once(settings: Any) -> None:
     assert zlib.decompress(message["z"], -15).decode() == message["text"]
     small = layer_message({"type": "t", "thread_id": 1, "seq": 1, "data": {}})
     assert "z" not in small
+
+
+@pytest.mark.smoke
+def test_embedded_default_creates_its_data_folder_and_migrates(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "fresh" / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "AWS_"))}
+    env.update({"DJANGO_DEBUG": "1", "CHATAPP_DATA_DIR": str(data), "CHATAPP_TESTING": "0"})
+    result = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (data / "chatapp.sqlite3").exists()
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DATABASE_URL", "mysql://x@y/z"), ("DATABASE_URL", "postgres://u@h:99999999/db"), ("REDIS_URL", "nonsense")],
+)
+def test_malformed_service_urls_stop_start_up_naming_the_variable(name: str, value: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DJANGO_DEBUG": "1", name: value}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert name in result.stderr
