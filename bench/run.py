@@ -37,7 +37,8 @@ CORE = "channels_redis.core.RedisChannelLayer"
 PUBSUB = "channels_redis.pubsub.RedisPubSubChannelLayer"
 MEMBERS = 100
 IDLE = 2000
-RATES = (25, 50, 100, 150, 200, 300, 400, 600, 800, 1200)
+ROUNDS = 3
+RATES = (25, 40, 50, 60, 75, 100, 150, 200, 300, 400, 600, 800, 1200)
 
 
 def raise_fd_limit() -> int:
@@ -160,9 +161,25 @@ def capacity(steps: list[dict[str, Any]]) -> int:
     return max(passing, default=0)
 
 
-async def fanout(label: str, target: Target, rates: tuple[int, ...], seconds: float) -> dict[str, Any]:
+def at_capacity(run_: dict[str, Any]) -> dict[str, Any] | None:
+    return next((s for s in run_["steps"] if s["rate"] == run_["capacity"] and s["ok"]), None)
+
+
+def better(run_: dict[str, Any]) -> tuple[int, float]:
+    """Higher capacity first, then lower p99 at capacity."""
+    at = at_capacity(run_)
+    return run_["capacity"], -(at["p99_ms"] if at else float("inf"))
+
+
+async def fanout(
+    label: str, target: Target, servers: list[ServerProcess], rates: tuple[int, ...], seconds: float
+) -> dict[str, Any]:
     print(f"  fan-out: {label}", flush=True)
-    steps = await rising_rates(target, rates, members=MEMBERS, seconds=seconds)
+
+    def cpu() -> float:
+        return sum(s.cpu_seconds() for s in servers)
+
+    steps = await rising_rates(target, rates, cpu=cpu, members=MEMBERS, seconds=seconds)
     return {"label": label, "capacity": capacity(steps), "steps": steps}
 
 
@@ -200,12 +217,25 @@ def with_servers(servers: list[ServerProcess], body: Any) -> Any:
         flush_redis()
 
 
+def app_fanout(label: str, count: int, layer: str, members: list[str], thread_id: int, **kw: Any) -> dict[str, Any]:
+    servers = app_servers(count, layer)
+    return with_servers(servers, fanout(label, app_target(servers, members, thread_id), servers, **kw))  # type: ignore[no-any-return]
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median capacity (ties: the lower p99), with every round's capacity attached."""
+    ordered = sorted(runs, key=better)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds"] = [r["capacity"] for r in runs]
+    return chosen
+
+
 def run(quick: bool) -> dict[str, Any]:
     fds = raise_fd_limit()
     setup_django()
     idle_count = 200 if quick else IDLE
-    rates = RATES[:4] if quick else RATES
-    seconds = 2.0 if quick else 4.0
+    rounds = 1 if quick else ROUNDS
+    kw: dict[str, Any] = {"rates": RATES[:4] if quick else RATES, "seconds": 2.0 if quick else 4.0}
     print(f"bench: seeding ({IDLE + MEMBERS} users); fd limit {fds}", flush=True)
     thread_id, cookies = seed(IDLE + MEMBERS, MEMBERS)
     flush_redis()
@@ -213,22 +243,21 @@ def run(quick: bool) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "fanout": []}
     started = time.monotonic()
 
-    print("1. fan-out, one thread of 100 members", flush=True)
-    for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
-        servers = app_servers(1, layer)
-        target = app_target(servers, members, thread_id)
-        report["fanout"].append(with_servers(servers, fanout(f"app ({name} layer)", target, rates, seconds)))
+    print(f"1. fan-out, one thread of 100 members ({rounds} rounds of the app on each layer)", flush=True)
+    layers: dict[str, list[dict[str, Any]]] = {CORE: [], PUBSUB: []}
+    for _ in range(rounds):  # alternate, so a noisy minute on a shared machine hits both layers
+        for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
+            layers[layer].append(app_fanout(f"app ({name} layer)", 1, layer, members, thread_id, **kw))
+    report["fanout"] += [median_run(layers[CORE]), median_run(layers[PUBSUB])]
     server = websockets_baseline()
     report["fanout"].append(
-        with_servers([server], fanout("bare websockets relay", relay_target(server), rates, seconds))
+        with_servers([server], fanout("bare websockets relay", relay_target(server), [server], **kw))
     )
     for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
         server = channels_baseline(layer)
         label = f"bare Channels consumer ({name} layer)"
-        report["fanout"].append(with_servers([server], fanout(label, relay_target(server), rates, seconds)))
-
-    best = max((r for r in report["fanout"] if r["label"].startswith("app")), key=lambda r: r["capacity"])
-    layer = CORE if "core" in best["label"] else PUBSUB
+        report["fanout"].append(with_servers([server], fanout(label, relay_target(server), [server], **kw)))
+    layer = CORE if better(report["fanout"][0]) >= better(report["fanout"][1]) else PUBSUB
     report["chosen_layer"] = layer
 
     print("2. idle connections", flush=True)
@@ -245,11 +274,12 @@ def run(quick: bool) -> dict[str, Any]:
         with_servers([server], idle("bare Channels consumer", relay_target(server), server, idle_count))
     )
 
-    print("3. two app processes against one", flush=True)
-    servers = app_servers(2, layer)
-    target = app_target(servers, members, thread_id)
-    two = with_servers(servers, fanout("app, 2 processes", target, rates, seconds))
-    report["scale_out"] = {"one": best, "two": two}
+    print("3. two app processes against one (alternating rounds)", flush=True)
+    one, two = [], []
+    for _ in range(max(1, rounds - 1)):
+        one.append(app_fanout("app, 1 process", 1, layer, members, thread_id, **kw))
+        two.append(app_fanout("app, 2 processes", 2, layer, members, thread_id, **kw))
+    report["scale_out"] = {"one": median_run(one), "two": median_run(two)}
     report["minutes"] = round((time.monotonic() - started) / 60, 1)
     return report
 
@@ -259,13 +289,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']['cpus']} CPUs, Python {report['machine']['python']}; run took "
         f"{report['minutes']} min. Channel layer chosen: `{report['chosen_layer']}`.",
         "",
-        "| fan-out (100 members) | capacity (msg/s) | p50 / p99 at capacity (ms) | deliveries/s at capacity |",
-        "|---|---|---|---|",
+        "| fan-out (100 members) | capacity (msg/s) | rounds | deliveries/s | p50 / p99 at capacity (ms) "
+        "| server CPU per delivery (µs) |",
+        "|---|---|---|---|---|---|",
     ]
-    for run_ in [*report["fanout"], report["scale_out"]["two"]]:
-        at = next((s for s in run_["steps"] if s["rate"] == run_["capacity"]), None)
-        cell = f"{at['p50_ms']} / {at['p99_ms']}" if at else "—"
-        lines.append(f"| {run_['label']} | {run_['capacity']} | {cell} | {run_['capacity'] * MEMBERS} |")
+    scale = report["scale_out"]
+    for run_ in [*report["fanout"], scale["one"], scale["two"]]:
+        at = at_capacity(run_)
+        cells = (f"{at['p50_ms']} / {at['p99_ms']}", at["server_cpu_us_per_delivery"]) if at else ("—", "—")
+        rounds = ", ".join(str(c) for c in run_.get("rounds", [run_["capacity"]]))
+        capacity = run_["capacity"]
+        lines.append(f"| {run_['label']} | {capacity} | {rounds} | {capacity * MEMBERS} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
         "| idle connections | connected | failures | storm (s) | KiB per connection | queries per connect |",
@@ -276,13 +310,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['label']} | {row['connections']} | {row['failures']} | {row['storm_seconds']} | "
             f"{row['kib_per_connection']} | {row['queries_per_connect']} |"
         )
-    app = max((r["capacity"] for r in report["fanout"] if r["label"].startswith("app")), default=0)
-    for row in report["fanout"]:
-        if not row["label"].startswith("app") and row["capacity"]:
-            lines.append(f"\nApp / {row['label']}: {app / row['capacity']:.2f}")
-    one, two = report["scale_out"]["one"]["capacity"], report["scale_out"]["two"]["capacity"]
-    if one:
-        lines.append(f"\nTwo processes / one: {two / one:.2f}")
+    app = max(better(r) for r in report["fanout"][:2])[0]
+    lines.append("")
+    for row in report["fanout"][2:]:
+        if row["capacity"]:
+            lines.append(f"- app / {row['label']}: {app / row['capacity']:.2f}")
+    if scale["one"]["capacity"]:
+        lines.append(f"- two processes / one: {scale['two']['capacity'] / scale['one']['capacity']:.2f}")
     return "\n".join(lines) + "\n"
 
 

@@ -100,6 +100,11 @@ class ServerProcess:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait; returns the exit status."""
         if self.proc is None or self.proc.poll() is not None:

@@ -226,7 +226,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if realtime.draining:
             await self.close(code=CLOSE_RESTART)
             return
-        realtime.install_sigterm_drain()
+        realtime.server_setup()
         first = False
         try:
             allowed, first = await realtime.store().connection_open(
@@ -293,6 +293,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await realtime.presence_broadcast(user_id=self.user_id, online=False)
         metrics.open_sockets.dec()
         realtime.live.discard(self)
+        realtime.health.listeners.discard(self)
 
     async def _heartbeat(self) -> None:
         """Ping a quiet client, close a silent one, and keep this connection counted in the store."""
@@ -306,15 +307,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 return
             if silent >= beat:
                 await self.send_frame({"type": "ping", "data": {"ts": time.time()}})
-            try:
-                _, back = await realtime.store().connection_open(
-                    user_id=self.user_id, conn_id=self.conn_id, limit=1 << 30
-                )
-            except Exception:
-                logger.debug("presence refresh failed (Redis down?)", exc_info=True)
-                continue
-            if back:  # the store had lost us (Redis restarted): we are online again
-                await realtime.presence_broadcast(user_id=self.user_id, online=True)
+            await self._refresh_presence()
 
     def shutdown(self) -> None:
         """The process is stopping (SIGTERM): close with 1012 so the client reconnects elsewhere."""
@@ -331,14 +324,29 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception:
             realtime.health.report_failure()
             return
+        await self._refresh_presence()
         for thread_id in list(self.subs):
             await self._replay(thread_id)
+
+    async def _refresh_presence(self) -> None:
+        """Keep this connection counted; if the store had lost us (Redis restarted), we are online again."""
+        try:
+            _, back = await realtime.store().connection_open(user_id=self.user_id, conn_id=self.conn_id, limit=1 << 30)
+        except Exception:
+            logger.debug("presence refresh failed (Redis down?)", exc_info=True)
+            return
+        if back:
+            await realtime.presence_broadcast(user_id=self.user_id, online=True)
 
     # --- Client frames ---------------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         self.last_heard = time.monotonic()
-        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if text_data is not None:
+            # A character is at most 4 bytes: most frames are measured without encoding them.
+            size = len(text_data) if len(text_data) * 4 <= realtime.MAX_FRAME_BYTES else len(text_data.encode())
+        else:
+            size = len(bytes_data or b"")
         if size > realtime.MAX_FRAME_BYTES:
             await self.close(code=CLOSE_TOO_BIG)
             return
