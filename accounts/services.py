@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from typing import Any
@@ -308,6 +309,23 @@ def clerk_session_revoke(*, data: dict[str, Any]) -> str:
     if user is not None:
         user_event_on_commit(user_id=user.pk, type="session.revoked", data={"session_id": session_id})
     return session_id
+
+
+def local_session_id(session_key: str) -> str:
+    """The public id of a Django (local login) session: a digest, never the cookie's value itself."""
+    return "local_" + hashlib.sha256(session_key.encode()).hexdigest()[:24]
+
+
+def session_signed_out(*, user_id: int, session_key: str | None) -> None:
+    """A local sign-out: tell the user's sockets opened with that session to close (``session.revoked``).
+
+    Django's logout deletes the session row itself; this only announces it. Connected to
+    ``user_logged_out`` in :mod:`accounts.apps`.
+    """
+    if session_key:
+        user_event_on_commit(
+            user_id=user_id, type="session.revoked", data={"session_id": local_session_id(session_key)}
+        )
 
 
 @transaction.atomic

@@ -10,7 +10,9 @@ What the consumer finds in the scope (see docs/auth.md):
 - ``scope["user"]``: the user, or AnonymousUser when no credential was offered or a token was refused.
 - ``scope["auth_error"]``: set when a token was offered and refused: ``token_invalid``, ``token_expired``,
   ``session_revoked`` or ``user_inactive``.
-- ``scope["auth_method"]``: ``"clerk"`` or ``"session"``; ``scope["auth_session_id"]``: the Clerk ``sid``.
+- ``scope["auth_method"]``: ``"clerk"`` or ``"session"``; ``scope["auth_session_id"]``: the Clerk ``sid``,
+  or for a Django session :func:`accounts.services.local_session_id` of its key. A ``session.revoked``
+  user event naming that id closes the socket with 4401.
 
 The consumer closes with 4401 before accepting when the user is anonymous, and otherwise accepts
 with :func:`accepted_subprotocol` (``"chatapp.v1"``, never the ``bearer.`` entry that holds the token).
@@ -27,6 +29,7 @@ from channels.middleware import BaseMiddleware
 from django.contrib.auth.models import AnonymousUser
 
 from accounts.clerk import SESSION_COOKIE, ClerkTokenError, clerk_enabled, user_for_session_token
+from accounts.services import local_session_id
 
 SUBPROTOCOL = "chatapp.v1"
 BEARER_PREFIX = "bearer."
@@ -71,6 +74,9 @@ class ClerkWebsocketMiddleware(BaseMiddleware):
         scope = dict(scope)
         user = scope.get("user")
         scope["auth_method"] = "session" if user is not None and user.is_authenticated else None
+        session = scope.get("session")
+        if scope["auth_method"] == "session" and session is not None and session.session_key:
+            scope["auth_session_id"] = local_session_id(session.session_key)
         token = socket_session_token(scope) if clerk_enabled() else None
         if token is not None:
             try:

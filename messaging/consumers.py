@@ -570,6 +570,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._forward(message)
         if kind == "user.deactivated":
             await self.close(code=CLOSE_DEACTIVATED)
+        elif kind == "session.revoked" and event["data"].get("session_id") == self.scope.get("auth_session_id"):
+            await self.close(code=CLOSE_UNAUTHENTICATED)  # signed out (or revoked in Clerk): sign in again
 
     async def _replay(self, thread_id: int, upto: int | None = None) -> None:
         """Send the logged events after ``high`` in order, a page at a time (up to ``upto`` at least)."""

@@ -421,6 +421,61 @@ async def test_a_deactivated_users_sockets_are_closed(alice: User) -> None:
 
 
 @pytest.mark.smoke
+async def test_a_revoked_clerk_session_closes_only_its_own_sockets(alice: User) -> None:
+    from accounts.services import clerk_session_revoke
+
+    alice.clerk_id = "user_alice"
+    await alice.asave(update_fields=["clerk_id"])
+    revoked, other = Socket(alice), Socket(alice)
+    revoked.comm.scope["auth_session_id"] = "sess_revoked"
+    other.comm.scope["auth_session_id"] = "sess_other"
+    await revoked.connect()
+    await other.connect()
+    await db(clerk_session_revoke)(data={"id": "sess_revoked", "user_id": "user_alice"})
+    notice = await revoked.next("session.revoked")
+    assert notice["data"] == {"session_id": "sess_revoked"}
+    with pytest.raises(Closed) as closed:
+        await revoked.next("never")
+    assert closed.value.code == consumers.CLOSE_UNAUTHENTICATED
+    # The user's other session hears of it and stays open.
+    assert (await other.next("session.revoked"))["data"] == {"session_id": "sess_revoked"}
+    assert (await other.request("ping"))["type"] == "pong"
+    await other.close()
+
+
+@pytest.mark.smoke
+async def test_signing_out_closes_the_sockets_of_that_session_only(alice: User) -> None:
+    from asgiref.sync import sync_to_async
+    from django.test import Client
+
+    from accounts.ws_auth import WebsocketAuthMiddleware
+
+    browsers = [Client(), Client()]
+    sockets, keys = [], []
+    for browser in browsers:
+        await sync_to_async(browser.force_login)(alice)
+        keys.append(browser.cookies["sessionid"].value)
+        cookie = f"sessionid={keys[-1]}".encode()
+        app = WebsocketAuthMiddleware(ChatConsumer.as_asgi())
+        sock = Socket(alice)
+        sock.comm = WebsocketCommunicator(app, "/ws/", headers=[(b"cookie", cookie)])
+        assert (await sock.comm.connect(timeout=5))[0]
+        assert (await sock.next("ready"))["data"]["user_id"] == alice.pk  # signed in by the cookie
+        sockets.append(sock)
+    signed_out, staying = sockets
+    response = await sync_to_async(browsers[0].post)("/accounts/logout/")
+    assert response.status_code == 302
+    session_id = (await signed_out.next("session.revoked"))["data"]["session_id"]
+    assert session_id.startswith("local_")
+    assert keys[0] not in session_id  # a digest: the cookie's value never goes on the wire
+    with pytest.raises(Closed) as closed:
+        await signed_out.next("never")
+    assert closed.value.code == consumers.CLOSE_UNAUTHENTICATED
+    assert (await staying.request("ping"))["type"] == "pong"
+    await staying.close()
+
+
+@pytest.mark.smoke
 async def test_the_connection_limit_refuses_the_next_socket_with_4429(alice: User, settings: Any) -> None:
     settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
     first, second, third = Socket(alice), Socket(alice), Socket(alice)
