@@ -284,16 +284,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
             except Exception:
                 break  # Redis is down: the core layer's group entries expire on their own
         self.subs.clear()
-        if self.counted:
-            try:
-                last = await realtime.store().connection_close(user_id=self.user_id, conn_id=self.conn_id)
-            except Exception:
-                last = False  # the entry expires and the sweeper announces it
-            if last:
-                await realtime.presence_broadcast(user_id=self.user_id, online=False)
+        if self.counted and await self._uncount():
+            await realtime.presence_broadcast(user_id=self.user_id, online=False)
         metrics.open_sockets.dec()
         realtime.live.discard(self)
         realtime.health.listeners.discard(self)
+
+    async def _uncount(self) -> bool:
+        """Remove this connection from the store; True if it was the user's last (they went offline)."""
+        for attempt in range(3):
+            try:
+                return await realtime.store().connection_close(user_id=self.user_id, conn_id=self.conn_id)
+            except Exception:
+                logger.warning("presence store: close failed (attempt %d)", attempt + 1, exc_info=True)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        return False  # Redis is down: the entry expires and a sweeper announces the user offline
 
     async def _heartbeat(self) -> None:
         """Ping a quiet client, close a silent one, and keep this connection counted in the store."""

@@ -88,6 +88,7 @@ REQUIREMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (str(PG_BIN / "psql"), ("postgresql-client-15",)),
     ("redis-server", ("redis-server",)),
     ("chromium", ("chromium",)),
+    ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf", ("fonts-noto-color-emoji",)),  # emoji in screenshots
     (str(CLAMD), ("clamav-daemon", "clamav")),
 )
 
@@ -107,8 +108,8 @@ def log(message: str) -> None:
 
 
 def _present(item: str) -> bool:
-    if "/" in item:
-        return os.path.isfile(item) and os.access(item, os.X_OK)
+    if "/" in item:  # a program must be executable; a data file (the emoji font) only present
+        return os.path.isfile(item) and (item.endswith(".ttf") or os.access(item, os.X_OK))
     return shutil.which(item) is not None
 
 

@@ -182,9 +182,14 @@ class EventCapture:
     def close(self) -> None:
         for group in self.groups:
             self.loop.run_until_complete(self.layer.group_discard(group, self.channel))
-        flush = getattr(self.layer, "close_pools", None)
-        if flush is not None:
-            self.loop.run_until_complete(flush())
+
+        async def release() -> None:
+            # Core layer: close this loop's pools. Pub/sub layer (per-loop state, so looked up inside
+            # the loop): flush unsubscribes and closes this loop's connections; Redis keeps nothing.
+            close_pools = getattr(self.layer, "close_pools", None)
+            await (close_pools() if close_pools is not None else self.layer.flush())
+
+        self.loop.run_until_complete(release())
         self.loop.close()
 
 

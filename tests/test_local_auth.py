@@ -147,6 +147,21 @@ def test_login_page_still_works(alice: User) -> None:
 
 
 @pytest.mark.smoke
+def test_sign_out_ends_the_session_and_clears_the_browsers_copies(alice: User) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.get("/accounts/login/")
+    token = client.cookies["csrftoken"].value
+    assert client.post("/accounts/login/", {"username": "alice", "password": PASSWORD, "csrfmiddlewaretoken": token})
+    token = client.cookies["csrftoken"].value
+    assert client.get("/").status_code == 200
+    assert client.post("/accounts/logout/").status_code == 403  # a cross-site form cannot sign me out
+    response = client.post("/accounts/logout/", {"csrfmiddlewaretoken": token})
+    assert response.status_code == 302
+    assert response["Clear-Site-Data"] == '"cache", "storage"'  # offline copies and the outbox go too
+    assert client.get("/").status_code == 302  # back to the login page
+
+
+@pytest.mark.smoke
 def test_without_clerk_only_local_credentials_work(alice: User) -> None:
     key = login("alice").json()["token"]
     assert me(f"Token {key}").status_code == 200

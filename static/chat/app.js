@@ -30,6 +30,8 @@
     replyTo: null,
     uploads: [], // {file, id, progress, error, done}
     loadingOlder: false,
+    threadsLoaded: false, // false until the thread list has loaded once (it fails offline without a cached copy)
+    openedOffline: null, // id of the thread opened without its detail (offline, nothing cached): loads on reconnect
     editing: null, // {id, version, draft} while a message is being edited
   };
 
@@ -122,6 +124,7 @@
       this.requests = new Map(); // request id -> {resolve, reject}
       this.nextId = 1;
       this.heartbeat = null;
+      this.retryTimer = null;
       this.connected = false;
       this.handlers = {};
     }
@@ -131,6 +134,15 @@
     }
 
     connect() {
+      // One socket at a time: the "online" event and a pending backoff retry may both ask.
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+      if (this.ws && (this.ws.readyState === WebSocket.CONNECTING || this.ws.readyState === WebSocket.OPEN)) return;
+      if (navigator.onLine === false) {
+        // No network at all: wait for the browser's "online" event (bind() reconnects then).
+        (this.handlers.offline || (() => {}))();
+        return;
+      }
       const scheme = location.protocol === "https:" ? "wss:" : "ws:";
       const ws = new WebSocket(scheme + "//" + location.host + config.ws_path, ["chatapp.v1"]);
       ws.binaryType = "arraybuffer";
@@ -145,6 +157,7 @@
       });
       ws.addEventListener("message", (event) => this.receive(event.data));
       ws.addEventListener("close", (event) => {
+        if (this.ws !== ws) return;
         this.connected = false;
         clearInterval(this.heartbeat);
         for (const { reject } of this.requests.values()) reject(new Error("connection closed"));
@@ -154,7 +167,7 @@
         const delay = Math.min(30000, 500 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
         this.attempt += 1;
         (this.handlers.retry || (() => {}))(delay);
-        setTimeout(() => this.connect(), delay);
+        this.retryTimer = setTimeout(() => this.connect(), delay);
       });
     }
 
@@ -232,11 +245,15 @@
     return thread.title || "Untitled conversation";
   }
 
-  async function loadThreads(append = false) {
+  function threadListPath(append = false) {
     const params = new URLSearchParams({ limit: "50" });
     if (state.archived) params.set("archived", "1");
     if (append && state.nextCursor) params.set("cursor", state.nextCursor);
-    const page = await api("GET", "/threads?" + params);
+    return "/threads?" + params;
+  }
+
+  async function loadThreads(append = false) {
+    const page = await api("GET", threadListPath(append));
     if (!append) state.threads.clear();
     for (const thread of page.threads) {
       state.threads.set(thread.id, thread);
@@ -246,6 +263,7 @@
       }
     }
     state.nextCursor = page.next_cursor;
+    state.threadsLoaded = true;
     $("threads-more").hidden = !page.next_cursor;
     renderThreadList();
     if (socket.connected) subscribeAll();
@@ -295,6 +313,7 @@
 
   async function openThread(threadId, aroundSeq = null) {
     state.current = threadId;
+    if (location.hash !== "#thread-" + threadId) history.replaceState(null, "", "#thread-" + threadId);
     state.replyTo = null;
     $("reply-preview").hidden = true;
     $("empty-state").hidden = true;
@@ -304,17 +323,26 @@
     let detail;
     let page;
     try {
-      [detail, page] = await Promise.all([
-        api("GET", "/threads/" + threadId),
-        api("GET", "/threads/" + threadId + "/messages?limit=50" + (aroundSeq ? "&around=" + aroundSeq : "")),
-      ]);
+      [detail, page] = await Promise.all(threadPaths(threadId, aroundSeq).map((path) => api("GET", path)));
     } catch (error) {
-      if (state.current === threadId) {
-        dropThread(threadId, error.status === 404 ? "That conversation does not exist or you are not in it." : error.message);
+      if (state.current !== threadId) return;
+      if (!(error instanceof ApiError)) {
+        // No network and no offline copy: keep the thread open to write in (the outbox sends later);
+        // it loads when the socket is back.
+        state.detail = null;
+        state.openedOffline = threadId;
+        const summary = state.threads.get(threadId);
+        $("thread-title").textContent = summary ? threadName(summary) : "Conversation";
+        $("thread-sub").textContent = "Offline";
+        $("members-btn").hidden = true;
+        renderMessages({ stick: true });
+        return;
       }
+      dropThread(threadId, error.status === 404 ? "That conversation does not exist or you are not in it." : error.message);
       return;
     }
     if (state.current !== threadId) return;
+    state.openedOffline = null;
     state.detail = detail;
     for (const p of detail.participants) state.presence.set(p.user.id, state.presence.get(p.user.id) || false);
     const store = threadMessages(threadId);
@@ -336,6 +364,17 @@
     subscribe(threadId);
     markRead(threadId);
     $("input").focus();
+    fillHistory();
+  }
+
+  // A first page shorter than the pane has no scrollbar, so no scroll event would ever ask for older ones.
+  function fillHistory() {
+    const history = $("history");
+    if (state.current && !state.oldestReached.get(state.current) && history.scrollHeight <= history.clientHeight) loadOlder();
+  }
+
+  function threadPaths(threadId, aroundSeq = null) {
+    return ["/threads/" + threadId, "/threads/" + threadId + "/messages?limit=50" + (aroundSeq ? "&around=" + aroundSeq : "")];
   }
 
   function renderHeader() {
@@ -345,7 +384,7 @@
     $("thread-title").textContent = other ? other.user.name : detail.title || "Untitled conversation";
     const online = detail.participants.filter((p) => state.presence.get(p.user.id)).length;
     $("thread-sub").textContent = detail.participants.length + " members · " + online + " online";
-    $("archive-btn").textContent = summary && summary.archived ? "Unarchive" : "Archive";
+    $("archive-btn").textContent = (summary ? summary.archived : detail.archived) ? "Unarchive" : "Archive";
     $("members-btn").hidden = false;
   }
 
@@ -362,12 +401,13 @@
       const page = await api("GET", "/threads/" + threadId + "/messages?limit=50&before=" + oldest);
       if (state.current !== threadId) return;
       for (const message of page.messages) store.set(message.seq, message);
-      state.oldestReached.set(threadId, page.oldest_reached);
+      state.oldestReached.set(threadId, page.oldest_reached || page.messages.length === 0);
       renderMessages({ stick: false });
       history.scrollTop = history.scrollHeight - before;
     } finally {
       state.loadingOlder = false;
     }
+    fillHistory();
   }
 
   function seenBy(message) {
@@ -412,8 +452,11 @@
       const files = el("div", { class: "attachments" });
       for (const a of message.attachments) {
         if (a.kind === "IMAGE" && a.thumbnail_url) {
-          files.append(el("a", { href: a.url, target: "_blank", rel: "noopener", class: "image-link" },
-            el("img", { src: a.thumbnail_url, alt: a.name, loading: "lazy", width: a.width ? Math.min(a.width, 320) : null })));
+          files.append(el("figure", { class: "image-attachment" },
+            el("a", { href: a.url, target: "_blank", rel: "noopener", class: "image-link", title: "Open " + a.name },
+              el("img", { src: a.thumbnail_url, alt: a.name, loading: "lazy", width: a.width ? Math.min(a.width, 320) : null })),
+            el("figcaption", {},
+              el("a", { href: a.url, class: "download-link", download: a.name, text: "⬇ " + a.name + " (" + fmtSize(a.size) + ")" }))));
         } else {
           files.append(el("a", { href: a.url, class: "file-link", download: a.name, text: "📄 " + a.name + " (" + fmtSize(a.size) + ")" }));
         }
@@ -821,6 +864,9 @@
     state.messages.delete(threadId);
     if (state.current === threadId) {
       state.current = null;
+      state.detail = null;
+      if ($("members-dialog").open) $("members-dialog").close();
+      if (location.hash) history.replaceState(null, "", location.pathname + location.search);
       $("thread-view").hidden = true;
       $("empty-state").hidden = false;
       toast(why);
@@ -834,6 +880,8 @@
       state.detail = await api("GET", "/threads/" + state.current);
       renderHeader();
       renderMessages({ stick: false });
+      // Someone changed my role or the members while the dialog is open: show what I may do now.
+      if ($("members-dialog").open) renderMembers();
     } catch (error) {
       if (error.status === 404) dropThread(state.current, "You are no longer in this conversation.");
     }
@@ -1231,8 +1279,9 @@
       e.target.value = "";
     });
     const pane = $("thread-pane");
+    const hasFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
     pane.addEventListener("dragover", (e) => {
-      if (!state.current) return;
+      if (!state.current || !hasFiles(e)) return;
       e.preventDefault();
       $("drop-zone").hidden = false;
     });
@@ -1240,9 +1289,10 @@
       if (e.target === $("drop-zone")) $("drop-zone").hidden = true;
     });
     pane.addEventListener("drop", (e) => {
-      e.preventDefault();
       $("drop-zone").hidden = true;
-      if (e.dataTransfer && e.dataTransfer.files.length) uploadFiles([...e.dataTransfer.files]);
+      if (!hasFiles(e)) return;
+      e.preventDefault();
+      if (e.dataTransfer.files.length) uploadFiles([...e.dataTransfer.files]);
     });
     $("input").addEventListener("paste", (e) => {
       const files = [...(e.clipboardData ? e.clipboardData.files : [])];
@@ -1283,12 +1333,21 @@
       }
     });
     $("archive-btn").addEventListener("click", async () => {
-      const thread = state.threads.get(state.current);
-      const archived = !(thread && thread.archived);
-      await api("PATCH", "/threads/" + state.current + "/membership", { archived });
+      const threadId = state.current;
+      const thread = state.threads.get(threadId);
+      // The open thread may not be in the loaded tab's list (opened from search): the detail knows too.
+      const archived = !(thread ? thread.archived : state.detail && state.detail.archived);
+      try {
+        await api("PATCH", "/threads/" + threadId + "/membership", { archived });
+      } catch (error) {
+        toast(error.message, "error");
+        return;
+      }
       if (thread) thread.archived = archived;
+      if (state.detail && state.detail.id === threadId) state.detail.archived = archived;
       renderThreadList();
-      renderHeader();
+      if (state.detail) renderHeader();
+      toast(archived ? "Moved to Archived." : "Moved back to Active.");
     });
     $("hi-close").addEventListener("click", () => $("history-dialog").close());
     $("rp-close").addEventListener("click", () => $("replies-dialog").close());
@@ -1319,6 +1378,22 @@
     window.addEventListener("online", () => {
       if (!socket.connected) socket.connect();
     });
+    window.addEventListener("offline", () => {
+      if (!socket.connected) banner(OFFLINE_TEXT, "warn");
+    });
+    // Sign-out also forgets this browser's offline copies of the page and the conversations.
+    const signout = document.querySelector("form.signout");
+    if (signout) {
+      signout.addEventListener("submit", async (e) => {
+        e.preventDefault();
+        try {
+          if ("caches" in window) await Promise.all((await caches.keys()).filter((k) => k.startsWith("chatapp-")).map((k) => caches.delete(k)));
+        } catch (_) {
+          // Storage may be unavailable (private mode): signing out matters more.
+        }
+        signout.submit();
+      });
+    }
   }
 
   async function switchTab(archived) {
@@ -1329,6 +1404,8 @@
   }
 
   // ---------------------------------------------------------------- connection banner
+  const OFFLINE_TEXT = "You are offline. Messages you write are sent when the connection returns.";
+
   function banner(text, kind) {
     const node = $("conn-banner");
     node.textContent = text || "";
@@ -1340,7 +1417,13 @@
     banner("");
     document.body.classList.remove("offline");
     subscribeAll();
+    if (!state.threadsLoaded) loadThreads().catch(() => {});
+    if (state.current && state.openedOffline === state.current) openThread(state.current);
     await flushOutbox();
+  });
+  socket.on("offline", () => {
+    document.body.classList.add("offline");
+    banner(OFFLINE_TEXT, "warn");
   });
   socket.on("close", (event) => {
     document.body.classList.add("offline");
@@ -1349,7 +1432,10 @@
     if (event.code === 4401) banner("Your session ended. Sign in again.", "error");
     else if (event.code === 4403) banner("Your account was deactivated.", "error");
   });
-  socket.on("retry", (delay) => banner("Connection lost. Reconnecting in " + Math.ceil(delay / 1000) + "s…", "warn"));
+  socket.on("retry", (delay) => {
+    if (navigator.onLine === false) banner(OFFLINE_TEXT, "warn");
+    else banner("Connection lost. Reconnecting in " + Math.ceil(delay / 1000) + "s…", "warn");
+  });
   for (const type of ["message.created", "message.updated", "message.deleted", "reaction.added", "reaction.removed",
     "thread.updated", "thread.deleted", "thread.participant_added", "thread.participant_removed", "thread.role_changed"]) {
     socket.on(type, onThreadEvent);
@@ -1380,19 +1466,40 @@
     bind();
     try {
       await loadThreads();
-      const unread = await api("GET", "/notifications?unread=1&limit=1");
+    } catch (error) {
+      if (navigator.onLine === false || !(error instanceof ApiError)) banner(OFFLINE_TEXT, "warn");
+      else banner("Could not load conversations: " + error.message, "error");
+    }
+    api("GET", "/notifications?unread=1&limit=1").then((unread) => {
       if (unread.unread_count) {
         $("notif-count").hidden = false;
         $("notif-count").textContent = String(unread.unread_count);
       }
-    } catch (error) {
-      banner("Could not load conversations: " + error.message, "error");
-    }
+    }).catch(() => {});
     socket.connect();
     const match = location.hash.match(/^#thread-(\d+)$/);
     if (match) openThread(Number(match[1]));
-    if ("serviceWorker" in navigator && config.service_worker) {
-      navigator.serviceWorker.register(config.service_worker, { scope: "/" }).catch(() => {});
+    registerServiceWorker();
+  }
+
+  function registerServiceWorker() {
+    if (!("serviceWorker" in navigator) || !config.service_worker) return;
+    navigator.serviceWorker.register(config.service_worker, { scope: "/" }).catch(() => {});
+    // The shell is whatever this page loaded (static names are hashed in production): the worker keeps those.
+    navigator.serviceWorker.ready.then((registration) => {
+      const assets = [...document.querySelectorAll("script[src], link[rel='stylesheet'][href], link[rel='icon'][href]")]
+        .map((node) => new URL(node.src || node.href, location.href))
+        .filter((url) => url.origin === location.origin)
+        .map((url) => url.pathname + url.search);
+      if (registration.active) registration.active.postMessage({ type: "cache-shell", urls: [location.pathname, ...assets] });
+    }).catch(() => {});
+    if (!navigator.serviceWorker.controller) {
+      // This first visit read the list and the open thread before the worker took over: read them
+      // again through it, so that they show offline too.
+      navigator.serviceWorker.addEventListener("controllerchange", () => {
+        const paths = [threadListPath(), ...(state.current ? threadPaths(state.current) : [])];
+        for (const path of paths) api("GET", path).catch(() => {});
+      }, { once: true });
     }
   }
 

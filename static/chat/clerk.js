@@ -29,6 +29,12 @@
     const signOut = document.getElementById("clerk-signout");
     if (signOut) {
       signOut.addEventListener("click", async () => {
+        // Forget this browser's offline copies of the page and the conversations (sw.js) as well.
+        try {
+          if ("caches" in window) await Promise.all((await caches.keys()).filter((k) => k.startsWith("chatapp-")).map((k) => caches.delete(k)));
+        } catch (_) {
+          // Storage may be unavailable: signing out matters more.
+        }
         await clerk.signOut();
         window.location.assign("/accounts/login/");
       });
