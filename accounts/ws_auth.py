@@ -20,13 +20,16 @@ with :func:`accepted_subprotocol` (``"chatapp.v1"``, never the ``bearer.`` entry
 
 from __future__ import annotations
 
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
+from importlib import import_module
 from typing import Any
 
-from channels.auth import AuthMiddlewareStack
-from channels.db import database_sync_to_async
-from channels.middleware import BaseMiddleware
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import get_user
 from django.contrib.auth.models import AnonymousUser
+from django.db import close_old_connections
+from django.http import HttpRequest
 
 from accounts.clerk import SESSION_COOKIE, ClerkTokenError, clerk_enabled, user_for_session_token
 from accounts.services import local_session_id
@@ -53,45 +56,65 @@ def accepted_subprotocol(scope: dict[str, Any]) -> str | None:
     return SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(scope) else None
 
 
-def socket_session_token(scope: dict[str, Any]) -> str | None:
+def socket_session_token(scope: dict[str, Any], cookies: dict[str, str]) -> str | None:
     """A Clerk token from the ``bearer.<jwt>`` subprotocol, else from the ``__session`` cookie."""
     for item in offered_subprotocols(scope):
         if item.startswith(BEARER_PREFIX) and len(item) > len(BEARER_PREFIX):
             return item[len(BEARER_PREFIX) :]
-    cookies = scope.get("cookies")
-    if cookies is None:
-        parsed: SimpleCookie = SimpleCookie()
-        parsed.load(_header(scope, b"cookie"))
-        cookies = {key: morsel.value for key, morsel in parsed.items()}
-    token = cookies.get(SESSION_COOKIE)
-    return token or None
+    return cookies.get(SESSION_COOKIE) or None
 
 
-class ClerkWebsocketMiddleware(BaseMiddleware):
-    """Runs inside channels' AuthMiddlewareStack: a Clerk token, when offered, decides ``scope["user"]``."""
+def authenticate_socket(scope: dict[str, Any], cookies: dict[str, str]) -> dict[str, Any]:
+    """What the scope learns about the client: ``user``, ``auth_method``, and ``auth_session_id`` or
+    ``auth_error``. Synchronous (database and cache reads); run once per handshake in a worker thread."""
+    token = socket_session_token(scope, cookies) if clerk_enabled() else None
+    if token is not None:
+        try:
+            user, claims = user_for_session_token(token)
+        except ClerkTokenError as exc:
+            return {"user": AnonymousUser(), "auth_method": None, "auth_error": exc.reason}
+        return {"user": user, "auth_method": "clerk", "auth_session_id": claims["sid"]}
+    session_key = cookies.get(settings.SESSION_COOKIE_NAME)
+    if not session_key:
+        return {"user": AnonymousUser(), "auth_method": None}
+    request = HttpRequest()  # django.contrib.auth.get_user reads the session off a request
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    session_user = get_user(request)
+    if not session_user.is_authenticated:
+        return {"user": session_user, "auth_method": None}
+    return {"user": session_user, "auth_method": "session", "auth_session_id": local_session_id(session_key)}
+
+
+class WebsocketAuthMiddleware:
+    """Cookies -> Django session user, or a Clerk token (which wins when one is offered and Clerk is on).
+
+    One middleware instead of channels' cookie/session/auth stack: one worker-thread hop per
+    handshake (not the shared sync thread, which serialised connect storms), and the scope the
+    socket keeps for its lifetime holds the user but not the session, cookies or their wrappers.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        scope = dict(scope)
-        user = scope.get("user")
-        scope["auth_method"] = "session" if user is not None and user.is_authenticated else None
-        session = scope.get("session")
-        if scope["auth_method"] == "session" and session is not None and session.session_key:
-            scope["auth_session_id"] = local_session_id(session.session_key)
-        token = socket_session_token(scope) if clerk_enabled() else None
-        if token is not None:
-            try:
-                user, claims = await database_sync_to_async(user_for_session_token)(token)
-            except ClerkTokenError as exc:
-                scope["user"] = AnonymousUser()
-                scope["auth_error"] = exc.reason
-                scope["auth_method"] = None
-            else:
-                scope["user"] = user
-                scope["auth_method"] = "clerk"
-                scope["auth_session_id"] = claims["sid"]
-        return await super().__call__(scope, receive, send)
+        found = await _authenticate(scope, _cookies(scope))
+        return await self.inner({**scope, **found}, receive, send)
 
 
-def WebsocketAuthMiddleware(inner: Any) -> Any:  # noqa: N802 - reads like a class at the call site
-    """Cookies -> Django session -> session user -> Clerk token (which wins when one is offered)."""
-    return AuthMiddlewareStack(ClerkWebsocketMiddleware(inner))
+def _cookies(scope: dict[str, Any]) -> dict[str, str]:
+    parsed: SimpleCookie = SimpleCookie()
+    try:
+        parsed.load(_header(scope, b"cookie"))
+    except CookieError:
+        return {}
+    return {key: morsel.value for key, morsel in parsed.items()}
+
+
+def _authenticate_and_close(scope: dict[str, Any], cookies: dict[str, str]) -> dict[str, Any]:
+    try:
+        return authenticate_socket(scope, cookies)
+    finally:
+        close_old_connections()
+
+
+_authenticate = sync_to_async(_authenticate_and_close, thread_sensitive=False)

@@ -264,9 +264,10 @@ async def rising_rates(
 
 
 async def connect_storm(
-    target: Target, count: int, concurrency: int = 100
+    target: Target, count: int, concurrency: int = 100, skip: int = 0
 ) -> tuple[list[ClientConnection], float, int]:
-    """Open ``count`` connections (at most ``concurrency`` handshakes at once): clients, seconds, failures."""
+    """Open ``count`` connections (at most ``concurrency`` handshakes at once) as the clients numbered
+    from ``skip``: clients, seconds, failures."""
     gate = asyncio.Semaphore(concurrency)
     failures = 0
 
@@ -280,6 +281,6 @@ async def connect_storm(
                 return None
 
     start = time.monotonic()
-    opened = await asyncio.gather(*(one(i) for i in range(count)))
+    opened = await asyncio.gather(*(one(i) for i in range(skip, skip + count)))
     elapsed = time.monotonic() - start
     return [ws for ws in opened if ws is not None], elapsed, failures

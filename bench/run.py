@@ -184,15 +184,21 @@ async def fanout(
 
 
 async def idle(label: str, target: Target, server: ServerProcess, count: int) -> dict[str, Any]:
+    """Open ``count`` sockets in two storms of half each: memory per connection over all of them
+    (one-time costs such as connection pools included) and marginal, over the second half only."""
     print(f"  idle: {label} ({count} connections)", flush=True)
     warm, _, _ = await connect_storm(target, 2)
     await asyncio.sleep(1)
     rss_before = server.rss_bytes()
     queries_before = queries(server) if target.app else 0
-    clients, seconds, failures = await connect_storm(target, count)
+    first, seconds_1, failures_1 = await connect_storm(target, count // 2)
+    await asyncio.sleep(2)
+    rss_mid = server.rss_bytes()
+    second, seconds_2, failures_2 = await connect_storm(target, count - count // 2, skip=count // 2)
     await asyncio.sleep(2)
     rss_after = server.rss_bytes()
     queries_after = queries(server) if target.app else 0
+    clients, seconds, failures = [*first, *second], seconds_1 + seconds_2, failures_1 + failures_2
     result = {
         "label": label,
         "connections": len(clients),
@@ -200,6 +206,7 @@ async def idle(label: str, target: Target, server: ServerProcess, count: int) ->
         "storm_seconds": round(seconds, 2),
         "connects_per_second": round(len(clients) / seconds, 1) if seconds else None,
         "kib_per_connection": round((rss_after - rss_before) / max(1, len(clients)) / 1024, 1),
+        "marginal_kib_per_connection": round((rss_after - rss_mid) / max(1, len(second)) / 1024, 1),
         "rss_mib": round(rss_after / 2**20, 1),
         "queries_per_connect": round((queries_after - queries_before) / max(1, len(clients)), 2) if target.app else 0,
     }
@@ -230,9 +237,13 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
-def run(quick: bool) -> dict[str, Any]:
+SCENARIOS = ("fanout", "idle", "scale")
+
+
+def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
     fds = raise_fd_limit()
     setup_django()
+    wanted = only or set(SCENARIOS)
     idle_count = 200 if quick else IDLE
     rounds = 1 if quick else ROUNDS
     kw: dict[str, Any] = {"rates": RATES[:4] if quick else RATES, "seconds": 2.0 if quick else 4.0}
@@ -240,46 +251,54 @@ def run(quick: bool) -> dict[str, Any]:
     thread_id, cookies = seed(IDLE + MEMBERS, MEMBERS)
     flush_redis()
     members, idle_cookies = cookies[:MEMBERS], cookies[MEMBERS:]
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "fanout": []}
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "fanout": [],
+        "idle": [],
+        "chosen_layer": PUBSUB,
+    }
     started = time.monotonic()
 
-    print(f"1. fan-out, one thread of 100 members ({rounds} rounds of the app on each layer)", flush=True)
-    layers: dict[str, list[dict[str, Any]]] = {CORE: [], PUBSUB: []}
-    for _ in range(rounds):  # alternate, so a noisy minute on a shared machine hits both layers
+    if "fanout" in wanted:
+        print(f"1. fan-out, one thread of 100 members ({rounds} rounds of the app on each layer)", flush=True)
+        layers: dict[str, list[dict[str, Any]]] = {CORE: [], PUBSUB: []}
+        for _ in range(rounds):  # alternate, so a noisy minute on a shared machine hits both layers
+            for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
+                layers[layer].append(app_fanout(f"app ({name} layer)", 1, layer, members, thread_id, **kw))
+        report["fanout"] += [median_run(layers[CORE]), median_run(layers[PUBSUB])]
+        server = websockets_baseline()
+        report["fanout"].append(
+            with_servers([server], fanout("bare websockets relay", relay_target(server), [server], **kw))
+        )
         for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
-            layers[layer].append(app_fanout(f"app ({name} layer)", 1, layer, members, thread_id, **kw))
-    report["fanout"] += [median_run(layers[CORE]), median_run(layers[PUBSUB])]
-    server = websockets_baseline()
-    report["fanout"].append(
-        with_servers([server], fanout("bare websockets relay", relay_target(server), [server], **kw))
-    )
-    for layer, name in ((CORE, "core"), (PUBSUB, "pubsub")):
+            server = channels_baseline(layer)
+            label = f"bare Channels consumer ({name} layer)"
+            report["fanout"].append(with_servers([server], fanout(label, relay_target(server), [server], **kw)))
+        report["chosen_layer"] = CORE if better(report["fanout"][0]) > better(report["fanout"][1]) else PUBSUB
+    layer = report["chosen_layer"]
+
+    if "idle" in wanted:
+        print("2. idle connections", flush=True)
+        servers = app_servers(1, layer)
+        report["idle"].append(
+            with_servers(servers, idle("app", app_target(servers, idle_cookies, thread_id), servers[0], idle_count))
+        )
+        server = websockets_baseline()
+        report["idle"].append(
+            with_servers([server], idle("bare websockets relay", relay_target(server), server, idle_count))
+        )
         server = channels_baseline(layer)
-        label = f"bare Channels consumer ({name} layer)"
-        report["fanout"].append(with_servers([server], fanout(label, relay_target(server), [server], **kw)))
-    layer = CORE if better(report["fanout"][0]) >= better(report["fanout"][1]) else PUBSUB
-    report["chosen_layer"] = layer
+        report["idle"].append(
+            with_servers([server], idle("bare Channels consumer", relay_target(server), server, idle_count))
+        )
 
-    print("2. idle connections", flush=True)
-    servers = app_servers(1, layer)
-    report["idle"] = [
-        with_servers(servers, idle("app", app_target(servers, idle_cookies, thread_id), servers[0], idle_count))
-    ]
-    server = websockets_baseline()
-    report["idle"].append(
-        with_servers([server], idle("bare websockets relay", relay_target(server), server, idle_count))
-    )
-    server = channels_baseline(layer)
-    report["idle"].append(
-        with_servers([server], idle("bare Channels consumer", relay_target(server), server, idle_count))
-    )
-
-    print("3. two app processes against one (alternating rounds)", flush=True)
-    one, two = [], []
-    for _ in range(max(1, rounds - 1)):
-        one.append(app_fanout("app, 1 process", 1, layer, members, thread_id, **kw))
-        two.append(app_fanout("app, 2 processes", 2, layer, members, thread_id, **kw))
-    report["scale_out"] = {"one": median_run(one), "two": median_run(two)}
+    if "scale" in wanted:
+        print("3. two app processes against one (alternating rounds)", flush=True)
+        one, two = [], []
+        for _ in range(max(1, rounds - 1)):
+            one.append(app_fanout("app, 1 process", 1, layer, members, thread_id, **kw))
+            two.append(app_fanout("app, 2 processes", 2, layer, members, thread_id, **kw))
+        report["scale_out"] = {"one": median_run(one), "two": median_run(two)}
     report["minutes"] = round((time.monotonic() - started) / 60, 1)
     return report
 
@@ -287,35 +306,42 @@ def run(quick: bool) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {report['machine']['cpus']} CPUs, Python {report['machine']['python']}; run took "
-        f"{report['minutes']} min. Channel layer chosen: `{report['chosen_layer']}`.",
+        f"{report['minutes']} min. Channel layer: `{report['chosen_layer']}`.",
         "",
-        "| fan-out (100 members) | capacity (msg/s) | rounds | deliveries/s | p50 / p99 at capacity (ms) "
-        "| server CPU per delivery (µs) |",
-        "|---|---|---|---|---|---|",
     ]
-    scale = report["scale_out"]
-    for run_ in [*report["fanout"], scale["one"], scale["two"]]:
+    scale = report.get("scale_out")
+    runs = [*report["fanout"], *((scale["one"], scale["two"]) if scale else ())]
+    if runs:
+        lines += [
+            "| fan-out (100 members) | capacity (msg/s) | rounds | deliveries/s | p50 / p99 at capacity (ms) "
+            "| server CPU per delivery (µs) |",
+            "|---|---|---|---|---|---|",
+        ]
+    for run_ in runs:
         at = at_capacity(run_)
         cells = (f"{at['p50_ms']} / {at['p99_ms']}", at["server_cpu_us_per_delivery"]) if at else ("—", "—")
         rounds = ", ".join(str(c) for c in run_.get("rounds", [run_["capacity"]]))
         capacity = run_["capacity"]
         lines.append(f"| {run_['label']} | {capacity} | {rounds} | {capacity * MEMBERS} | {cells[0]} | {cells[1]} |")
-    lines += [
-        "",
-        "| idle connections | connected | failures | storm (s) | KiB per connection | queries per connect |",
-        "|---|---|---|---|---|---|",
-    ]
+    if report["idle"]:
+        lines += [
+            "",
+            "| idle connections | connected | failures | storm (s) | KiB per connection (all / marginal) "
+            "| queries per connect |",
+            "|---|---|---|---|---|---|",
+        ]
     for row in report["idle"]:
         lines.append(
             f"| {row['label']} | {row['connections']} | {row['failures']} | {row['storm_seconds']} | "
-            f"{row['kib_per_connection']} | {row['queries_per_connect']} |"
+            f"{row['kib_per_connection']} / {row['marginal_kib_per_connection']} | {row['queries_per_connect']} |"
         )
-    app = max(better(r) for r in report["fanout"][:2])[0]
     lines.append("")
-    for row in report["fanout"][2:]:
-        if row["capacity"]:
-            lines.append(f"- app / {row['label']}: {app / row['capacity']:.2f}")
-    if scale["one"]["capacity"]:
+    if report["fanout"]:
+        app = max(better(r) for r in report["fanout"][:2])[0]
+        for row in report["fanout"][2:]:
+            if row["capacity"]:
+                lines.append(f"- app / {row['label']}: {app / row['capacity']:.2f}")
+    if scale and scale["one"]["capacity"]:
         lines.append(f"- two processes / one: {scale['two']['capacity'] / scale['one']['capacity']:.2f}")
     return "\n".join(lines) + "\n"
 
@@ -323,11 +349,12 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short sanity run (fewer steps, 200 idle sockets)")
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)")
     args = parser.parse_args()
     if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
         print("bench needs PostgreSQL and Redis: run `make bench` (scripts/testenv.py run -- python -m bench.run)")
         return 2
-    report = run(args.quick)
+    report = run(args.quick, set(args.only) if args.only else None)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"{stamp}.json").write_text(json.dumps(report, indent=2))

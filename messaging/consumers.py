@@ -158,20 +158,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.compress = False
         self.subs: dict[int, Subscription] = {}
         self.last_heard = time.monotonic()
-        self.internal: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.receipts = realtime.ReceiptBatcher(self._flush_receipts)
-        self.heartbeat: asyncio.Task[None] | None = None
+        self.receipts: realtime.ReceiptBatcher | None = None  # made at the first read/delivered mark
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- ASGI plumbing ---------------------------------------------------------------------------
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Channels' loop, with a channel-layer receive that survives a Redis outage and an internal queue."""
+        """Channels' loop, with a channel-layer receive that survives a Redis outage.
+
+        Per socket: this task and its two receive tasks; the heartbeat is one task per process
+        (:class:`messaging.realtime.Beats`); receipts get a batcher only once the client marks one.
+        """
         self.scope = scope
+        self.loop = asyncio.get_running_loop()
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
         self.base_send = send
         try:
-            await await_many_dispatch([receive, self._layer_receive, self.internal.get], self.dispatch)
+            await await_many_dispatch([receive, self._layer_receive], self.dispatch)
         except StopConsumer:
             pass
         finally:
@@ -262,7 +266,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         if first:
             await realtime.presence_broadcast(user_id=self.user_id, online=True)
-        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        realtime.beats.start()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         raise StopConsumer()
@@ -272,10 +276,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not self.accepted:
             return
         self.accepted = False
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()
         try:
-            await self.receipts.close()
+            if self.receipts is not None:
+                await self.receipts.close()
         except Exception:
             logger.warning("receipt flush on disconnect failed", exc_info=True)
         for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
@@ -300,27 +303,30 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await asyncio.sleep(0.2 * (attempt + 1))
         return False  # Redis is down: the entry expires and a sweeper announces the user offline
 
-    async def _heartbeat(self) -> None:
-        """Ping a quiet client, close a silent one, and keep this connection counted in the store."""
-        beat = realtime.heartbeat_seconds()
-        idle = realtime.idle_timeout_seconds()
-        while True:
-            await asyncio.sleep(min(beat, idle / 4))
-            silent = time.monotonic() - self.last_heard
-            if silent >= idle:
-                await self.close(code=CLOSE_IDLE)
-                return
-            if silent >= beat:
-                await self.send_frame({"type": "ping", "data": {"ts": time.time()}})
-            await self._refresh_presence()
+    async def beat(self, *, now: float, beat: float, idle: float) -> bool:
+        """A heartbeat tick: ping a quiet client, close a silent one. True if it stays (and counts)."""
+        silent = now - self.last_heard
+        if silent >= idle:
+            await self.close(code=CLOSE_IDLE)
+            return False
+        if silent >= beat:
+            await self.send_frame({"type": "ping", "data": {"ts": time.time()}})
+        return True
 
     def shutdown(self) -> None:
         """The process is stopping (SIGTERM): close with 1012 so the client reconnects elsewhere."""
         asyncio.get_running_loop().create_task(self.close(code=CLOSE_RESTART))
 
     def layer_recovered(self) -> None:
-        """Redis is back (or lost its data): re-join groups and catch up, in turn with other messages."""
-        self.internal.put_nowait({"type": "rt.recover"})
+        """Redis is back (or lost its data): re-join groups and catch up, in turn with other messages
+        (the notice goes through this socket's own channel; if that fails, the next recovery retries)."""
+        asyncio.get_running_loop().create_task(self._notify_self({"type": "rt.recover"}))
+
+    async def _notify_self(self, message: dict[str, Any]) -> None:
+        try:
+            await self.channel_layer.send(self.channel_name, message)
+        except Exception:
+            realtime.health.report_failure()
 
     async def rt_recover(self, message: dict[str, Any]) -> None:
         try:
@@ -502,13 +508,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def frame_read(self, frame: dict[str, Any], request_id: Any) -> None:
         data = parse(MarkFrame, frame)
-        self.receipts.mark(data["thread_id"], read=data["seq"], request_id=request_id)
+        self._receipts().mark(data["thread_id"], read=data["seq"], request_id=request_id)
         await self.ack(request_id, {"thread_id": data["thread_id"], "seq": data["seq"]})
 
     async def frame_delivered(self, frame: dict[str, Any], request_id: Any) -> None:
         data = parse(MarkFrame, frame)
-        self.receipts.mark(data["thread_id"], delivered=data["seq"], request_id=request_id)
+        self._receipts().mark(data["thread_id"], delivered=data["seq"], request_id=request_id)
         await self.ack(request_id, {"thread_id": data["thread_id"], "seq": data["seq"]})
+
+    def _receipts(self) -> realtime.ReceiptBatcher:
+        if self.receipts is None:
+            self.receipts = realtime.ReceiptBatcher(self._flush_receipts)
+        return self.receipts
 
     async def _flush_receipts(self, thread_id: int, mark: realtime.Mark) -> None:
         try:
@@ -542,7 +553,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         sub.high = seq
         await self._forward(message)
         if message["text"].startswith('{"type":"thread.'):
-            self._apply_thread_event(thread_id, json.loads(message["text"]))
+            await self._apply_thread_event(thread_id, json.loads(message["text"]))
 
     async def _forward(self, message: dict[str, Any]) -> None:
         if self.closing:
@@ -555,15 +566,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if sent_at is not None:
             metrics.fanout_latency.observe(max(0.0, time.time() - sent_at))
 
-    def _apply_thread_event(self, thread_id: int, event: dict[str, Any]) -> None:
+    async def _apply_thread_event(self, thread_id: int, event: dict[str, Any]) -> None:
         """Safety net: stop a thread this socket may no longer see, even if the user notice was lost."""
         removed = event["type"] == "thread.participant_removed" and event["data"].get("user_id") == self.user_id
         if (removed or event["type"] == "thread.deleted") and self.subs.pop(thread_id, None) is not None:
-            self.internal.put_nowait({"type": "rt.discard", "thread_id": thread_id})
-
-    async def rt_discard(self, message: dict[str, Any]) -> None:
-        if message["thread_id"] not in self.subs:
-            await self.channel_layer.group_discard(thread_group(message["thread_id"]), self.channel_name)
+            try:
+                await self.channel_layer.group_discard(thread_group(thread_id), self.channel_name)
+            except Exception:
+                logger.warning("group_discard failed; events of that thread are dropped here", exc_info=True)
 
     async def _user_event(self, message: dict[str, Any]) -> None:
         event = json.loads(message["text"])
@@ -588,7 +598,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 sub.high = seq
                 await self._forward(layer_message(payload))
                 if payload.get("type", "").startswith("thread."):
-                    self._apply_thread_event(thread_id, payload)
+                    await self._apply_thread_event(thread_id, payload)
             if len(rows) < realtime.BACKLOG_PAGE or (upto is not None and sub.high >= upto):
                 return
 

@@ -114,6 +114,9 @@ class Store(Protocol):
     async def connection_close(self, *, user_id: int, conn_id: str) -> bool:
         """Count a connection out. Returns whether that was the user's last live connection."""
 
+    async def connections_refresh(self, entries: list[tuple[int, str]]) -> list[bool]:
+        """Keep ``(user_id, conn_id)`` entries counted; True for each whose user had dropped out."""
+
     async def online(self, user_ids: Iterable[int]) -> set[int]: ...
 
     async def typing_start(self, *, thread_id: int, user_id: int) -> bool:
@@ -200,6 +203,18 @@ class RedisStore:
     async def connection_close(self, *, user_id: int, conn_id: str) -> bool:
         return bool(await self._close(keys=[f"{_CONNS}:{user_id}", _CONNS], args=[time.time(), conn_id, user_id]))
 
+    async def connections_refresh(self, entries: list[tuple[int, str]]) -> list[bool]:
+        """Keep many connections counted in one round trip; True where the store had lost the user."""
+        if not entries:
+            return []
+        now = time.time()
+        ttl = presence_ttl_seconds()
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, conn_id in entries:
+            args: list[float | str] = [now, now + ttl, 1 << 30, conn_id, user_id, math.ceil(ttl)]
+            await self._open(keys=[f"{_CONNS}:{user_id}", _CONNS], args=args, client=pipe)
+        return [int(result) == 2 for result in await pipe.execute()]
+
     async def online(self, user_ids: Iterable[int]) -> set[int]:
         ids = list(user_ids)
         if not ids:
@@ -252,6 +267,9 @@ class MemoryStore:
         if self.conns.get(user_id, {}).pop(conn_id, None) is None:
             return False
         return not self._live(user_id, time.time())
+
+    async def connections_refresh(self, entries: list[tuple[int, str]]) -> list[bool]:
+        return [(await self.connection_open(user_id=uid, conn_id=conn, limit=1 << 30))[1] for uid, conn in entries]
 
     async def online(self, user_ids: Iterable[int]) -> set[int]:
         now = time.time()
@@ -475,8 +493,53 @@ class ReceiptBatcher:
 
 # --- Live sockets of this process and graceful shutdown ----------------------------------------
 
-# Every open consumer of this process (for the SIGTERM drain).
+# Every open consumer of this process (for the heartbeat and the SIGTERM drain).
 live: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class Beats:
+    """One task per process (not one per socket) for the heartbeat of every open socket.
+
+    Each tick (every ``min(heartbeat, idle timeout / 4)`` seconds) asks each consumer to ``beat()``:
+    ping it if it has been quiet for a heartbeat, close it if silent for the idle timeout. Then it
+    refreshes every remaining connection's presence entry in one Redis round trip, and announces
+    anyone the store had lost (Redis restarted) as online again.
+    """
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run())
+
+    def _sockets(self) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return [c for c in list(live) if c.loop is loop and c.counted and not c.closing]
+
+    async def _run(self) -> None:
+        while self._sockets():
+            await asyncio.sleep(min(heartbeat_seconds(), idle_timeout_seconds() / 4))
+            try:
+                await self.tick()
+            except Exception:
+                logger.exception("heartbeat tick failed")
+
+    async def tick(self) -> None:
+        now, beat, idle = time.monotonic(), heartbeat_seconds(), idle_timeout_seconds()
+        alive = [c for c in self._sockets() if await c.beat(now=now, beat=beat, idle=idle)]
+        try:
+            back = await store().connections_refresh([(c.user_id, c.conn_id) for c in alive])
+        except Exception:
+            logger.debug("presence refresh failed (Redis down?)", exc_info=True)
+            return
+        for consumer, came_back in zip(alive, back, strict=True):
+            if came_back:
+                await presence_broadcast(user_id=consumer.user_id, online=True)
+
+
+beats = Beats()
 draining = False
 _server_ready = False
 
