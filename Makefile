@@ -50,6 +50,9 @@ test: $(DEV_STAMP)
 	@echo "== Suite on real PostgreSQL, Redis, S3 (moto), ClamAV and Chromium =="
 	$(BIN)/python scripts/testenv.py run -- env CHATAPP_TESTING=1 CHATAPP_REQUIRE_SERVICES=1 \
 		$(BIN)/pytest --ignore=tests/test_realtime_live.py $(PYTEST_ARGS)
+	@echo "== The socket protocol again on channels-redis' core layer (the default is pub/sub) =="
+	$(BIN)/python scripts/testenv.py run -- env CHATAPP_TESTING=1 CHATAPP_REQUIRE_SERVICES=1 \
+		CHATAPP_CHANNEL_LAYER=channels_redis.core.RedisChannelLayer $(BIN)/pytest tests/test_realtime_protocol.py $(PYTEST_ARGS)
 	@echo "== Multi-process real-time and fault tests, on their own fresh PostgreSQL and Redis =="
 	$(BIN)/python scripts/testenv.py run -- env CHATAPP_TESTING=1 CHATAPP_REQUIRE_SERVICES=1 \
 		$(BIN)/pytest tests/test_realtime_live.py $(PYTEST_ARGS)

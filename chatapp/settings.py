@@ -230,7 +230,8 @@ if REDIS_URL:
         raise ImproperlyConfigured(f"REDIS_URL has a malformed port: {exc}") from None
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": env_str("CHATAPP_CHANNEL_LAYER", "channels_redis.core.RedisChannelLayer"),
+            # Pub/sub: measured to carry more at less CPU per delivery (docs/benchmarks.md).
+            "BACKEND": env_str("CHATAPP_CHANNEL_LAYER", "channels_redis.pubsub.RedisPubSubChannelLayer"),
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "max_connections": REDIS_MAX_CONNECTIONS}],
                 "capacity": env_int("CHATAPP_CHANNEL_CAPACITY", 1000),
@@ -241,7 +242,7 @@ if REDIS_URL:
     }
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "chatapp.cache_backend.SharedRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("CHATAPP_CACHE_PREFIX", "chatcache"),
         }

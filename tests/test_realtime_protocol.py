@@ -475,6 +475,34 @@ async def test_signing_out_closes_the_sockets_of_that_session_only(alice: User) 
     await staying.close()
 
 
+async def test_open_sockets_share_the_processs_redis_connections(make_user: Callable[..., User]) -> None:
+    """Each socket's context gets its own Django cache object; they must not each open a Redis client."""
+    import redis
+    from asgiref.sync import sync_to_async
+    from django.conf import settings
+
+    from accounts.ws_auth import WebsocketAuthMiddleware
+    from tests.live import session_cookie
+
+    needs("redis")
+    users = [await sync_to_async(make_user)(f"sharer{i}") for i in range(30)]
+    cookies = [await sync_to_async(session_cookie)(user) for user in users]
+    server = redis.Redis.from_url(settings.REDIS_URL)
+    before = len(server.client_list())
+    sockets = []
+    for user, cookie in zip(users, cookies, strict=True):
+        sock = Socket(user)
+        header = (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode())
+        sock.comm = WebsocketCommunicator(WebsocketAuthMiddleware(ChatConsumer.as_asgi()), "/ws/", headers=[header])
+        assert (await sock.comm.connect(timeout=5))[0]
+        assert (await sock.next("ready"))["data"]["user_id"] == user.pk
+        sockets.append(sock)
+    assert len(server.client_list()) - before < 10  # was one more Redis client per socket
+    for sock in sockets:
+        await sock.close()
+    server.close()
+
+
 @pytest.mark.smoke
 async def test_the_connection_limit_refuses_the_next_socket_with_4429(alice: User, settings: Any) -> None:
     settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
