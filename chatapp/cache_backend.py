@@ -22,9 +22,11 @@ class SharedRedisCache(RedisCache):
 
     @cached_property
     def _cache(self) -> Any:
-        key = repr((self._servers, sorted(self._options.items())))
+        # django-stubs do not declare RedisCache's private attributes.
+        servers, options, client_class = self._servers, self._options, self._class  # type: ignore[attr-defined]
+        key = repr((servers, sorted(options.items())))
         with self._lock:
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = self._class(self._servers, **self._options)
+                client = self._clients[key] = client_class(servers, **options)
         return client
