@@ -67,8 +67,9 @@ def group_send_now(group: str, message: dict[str, Any]) -> None:
     if layer is None:
         return
     try:
-        # "ts": when it left, for the consumers' fan-out latency metric.
-        async_to_sync(layer.group_send)(group, {**message, "ts": time.time()})
+        # "group": how each process's hub routes it (messaging/hub.py); "ts": when it left, for the
+        # fan-out latency metric.
+        async_to_sync(layer.group_send)(group, {**message, "group": group, "ts": time.time()})
     except Exception:
         logger.exception("channel layer send to %s failed; clients will resume from the log", group)
         from chatapp import metrics

@@ -20,12 +20,12 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 from rest_framework import serializers
@@ -34,6 +34,7 @@ from chatapp import metrics
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
 from messaging import realtime, services
+from messaging.hub import Hub, hub
 from messaging.realtime import db
 from threads import policy
 from threads.selectors import thread_get_for_member, thread_member_ids
@@ -160,40 +161,72 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.last_heard = time.monotonic()
         self.receipts: realtime.ReceiptBatcher | None = None  # made at the first read/delivered mark
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.hub: Hub | None = None
+        self.inbox: deque[dict[str, Any]] | None = None  # events for this socket's task (slow path)
+        self.waiter: asyncio.Future[None] | None = None
+        self.busy = False  # handling a frame or an inbox event: live events wait in the inbox
 
     # --- ASGI plumbing ---------------------------------------------------------------------------
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Channels' loop, with a channel-layer receive that survives a Redis outage.
+        """Channels' loop over the client's frames and this socket's inbox; no channel of its own.
 
-        Per socket: this task and its two receive tasks; the heartbeat is one task per process
-        (:class:`messaging.realtime.Beats`); receipts get a batcher only once the client marks one.
+        Events come from the process's hub (:mod:`messaging.hub`): written at once when this socket
+        is idle and the event is next in sequence, else queued in the inbox and handled here, in
+        order. Per socket: this task and its two receive tasks; the heartbeat is one task per
+        process (:class:`messaging.realtime.Beats`); receipts get a batcher only once used.
         """
         self.scope = scope
         self.loop = asyncio.get_running_loop()
-        self.channel_layer = get_channel_layer(self.channel_layer_alias)
-        self.channel_name = await self.channel_layer.new_channel()
+        self.hub = hub()
         self.base_send = send
         try:
-            await await_many_dispatch([receive, self._layer_receive], self.dispatch)
+            await await_many_dispatch([receive, self._inbox_receive], self.dispatch)
         except StopConsumer:
             pass
         finally:
             await self._cleanup()
 
-    async def _layer_receive(self) -> dict[str, Any]:
-        delay = 0.1
-        while True:
+    async def _inbox_receive(self) -> dict[str, Any]:
+        while not self.inbox:
+            self.waiter = asyncio.get_running_loop().create_future()
             try:
-                return await self.channel_layer.receive(self.channel_name)  # type: ignore[no-any-return]
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if realtime.health.up:
-                    logger.warning("channel layer receive failed; retrying", exc_info=True)
-                realtime.health.report_failure()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await self.waiter
+            finally:
+                self.waiter = None
+        self.busy = True  # from the pop until it is handled: later events must not overtake it
+        return self.inbox.popleft()
+
+    def queue(self, message: dict[str, Any]) -> None:
+        """Hand an event to this socket's task (the slow path)."""
+        if self.inbox is None:
+            self.inbox = deque()
+        self.inbox.append(message)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def take(self, message: dict[str, Any]) -> bool:
+        """Called by the hub for each event of a group this socket is in. True: write it now (the
+        hub does, with :meth:`forward`). False: dropped, or queued for this socket's task."""
+        if self.closing:
+            return False
+        thread_id = message.get("thread_id")
+        if self.busy or self.inbox or thread_id is None:
+            self.queue(message)
+            return False
+        sub = self.subs.get(thread_id)
+        if sub is None:
+            return False
+        seq = message.get("seq")
+        if seq is None:
+            return bool(message.get("from_user") != self.user_id)  # typing: everyone but its sender
+        if seq <= sub.high:
+            return False
+        if seq > sub.high + 1 or message["text"].startswith('{"type":"thread.'):
+            self.queue(message)  # a gap to fill from the log, or a membership change to apply
+            return False
+        sub.high = seq
+        return True
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Unlike channels' dispatch, no close_old_connections hop per message: every database call
@@ -202,7 +235,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if handler is None:
             logger.warning("no handler for %s", message["type"])
             return
-        await handler(message)
+        self.busy = True
+        try:
+            await handler(message)
+        finally:
+            self.busy = False
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         if not self.closing:
@@ -244,13 +281,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_TOO_MANY)
             return
         self.counted = True
+        assert self.hub is not None
         try:
-            await self.channel_layer.group_add(user_group(self.user_id), self.channel_name)
+            await self.hub.join(user_group(self.user_id), self)
         except Exception:
             logger.warning("group_add failed; will re-join when Redis is back", exc_info=True)
+            self.hub.join_later(user_group(self.user_id), self)
             realtime.health.report_failure()
         if settings.REDIS_URL:
-            realtime.health.watch(self)
+            realtime.health.watch(self.hub)
         await self.send_frame(
             {
                 "type": "ready",
@@ -281,17 +320,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.receipts.close()
         except Exception:
             logger.warning("receipt flush on disconnect failed", exc_info=True)
-        for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
-            try:
-                await self.channel_layer.group_discard(group, self.channel_name)
-            except Exception:
-                break  # Redis is down: the core layer's group entries expire on their own
+        if self.hub is not None:
+            for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
+                self.hub.leave(group, self)
         self.subs.clear()
         if self.counted and await self._uncount():
             await realtime.presence_broadcast(user_id=self.user_id, online=False)
         metrics.open_sockets.dec()
         realtime.live.discard(self)
-        realtime.health.listeners.discard(self)
 
     async def _uncount(self) -> bool:
         """Remove this connection from the store; True if it was the user's last (they went offline)."""
@@ -317,24 +353,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """The process is stopping (SIGTERM): close with 1012 so the client reconnects elsewhere."""
         asyncio.get_running_loop().create_task(self.close(code=CLOSE_RESTART))
 
-    def layer_recovered(self) -> None:
-        """Redis is back (or lost its data): re-join groups and catch up, in turn with other messages
-        (the notice goes through this socket's own channel; if that fails, the next recovery retries)."""
-        asyncio.get_running_loop().create_task(self._notify_self({"type": "rt.recover"}))
-
-    async def _notify_self(self, message: dict[str, Any]) -> None:
-        try:
-            await self.channel_layer.send(self.channel_name, message)
-        except Exception:
-            realtime.health.report_failure()
-
     async def rt_recover(self, message: dict[str, Any]) -> None:
-        try:
-            for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
-                await self.channel_layer.group_add(group, self.channel_name)
-        except Exception:
-            realtime.health.report_failure()
-            return
+        """Redis is back (or lost its data) and the hub has re-joined the groups: catch up from the log."""
         await self._refresh_presence()
         for thread_id in list(self.subs):
             await self._replay(thread_id)
@@ -404,13 +424,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         data = parse(SubscribeFrame, frame)
         thread_id, last_seq = data["thread_id"], data.get("last_seq")
         group = thread_group(thread_id)
+        assert self.hub is not None
         # Join first: whatever commits after the permission check's read arrives live.
-        await self.channel_layer.group_add(group, self.channel_name)
+        await self.hub.join(group, self)
         try:
             access = await db(thread_get_for_member)(thread_id=thread_id, user=self.user, action=policy.Action.VIEW)
         except ServiceError:
             if thread_id not in self.subs:
-                await self.channel_layer.group_discard(group, self.channel_name)
+                self.hub.leave(group, self)
             raise
         current = access.thread.last_sequence
         if last_seq is None:
@@ -430,8 +451,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def frame_unsubscribe(self, frame: dict[str, Any], request_id: Any) -> None:
         thread_id = parse(ThreadFrame, frame)["thread_id"]
-        if self.subs.pop(thread_id, None) is not None:
-            await self.channel_layer.group_discard(thread_group(thread_id), self.channel_name)
+        if self.subs.pop(thread_id, None) is not None and self.hub is not None:
+            self.hub.leave(thread_group(thread_id), self)
         await self.ack(request_id, {"thread_id": thread_id})
 
     async def frame_message_send(self, frame: dict[str, Any], request_id: Any) -> None:
@@ -543,7 +564,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         seq = message.get("seq")
         if seq is None:
             if message.get("from_user") != self.user_id:  # typing goes to everyone but its sender
-                await self._forward(message)
+                await self.forward(message)
             return
         if seq <= sub.high:
             return  # already sent (from the backlog, or a duplicate)
@@ -551,38 +572,34 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._replay(thread_id, upto=seq)  # a gap: read it from the log, in order
             return
         sub.high = seq
-        await self._forward(message)
+        await self.forward(message)
         if message["text"].startswith('{"type":"thread.'):
             await self._apply_thread_event(thread_id, json.loads(message["text"]))
 
-    async def _forward(self, message: dict[str, Any]) -> None:
+    async def forward(self, message: dict[str, Any]) -> None:
+        """Write an event's frame as serialised (or compressed) once for everyone."""
         if self.closing:
             return
         if self.compress and "z" in message:
-            await self.send(bytes_data=message["z"])
+            await self.base_send({"type": "websocket.send", "bytes": message["z"]})
         else:
-            await self.send(text_data=message["text"])
-        sent_at = message.get("ts")
-        if sent_at is not None:
-            metrics.fanout_latency.observe(max(0.0, time.time() - sent_at))
+            await self.base_send({"type": "websocket.send", "text": message["text"]})
 
     async def _apply_thread_event(self, thread_id: int, event: dict[str, Any]) -> None:
         """Safety net: stop a thread this socket may no longer see, even if the user notice was lost."""
         removed = event["type"] == "thread.participant_removed" and event["data"].get("user_id") == self.user_id
-        if (removed or event["type"] == "thread.deleted") and self.subs.pop(thread_id, None) is not None:
-            try:
-                await self.channel_layer.group_discard(thread_group(thread_id), self.channel_name)
-            except Exception:
-                logger.warning("group_discard failed; events of that thread are dropped here", exc_info=True)
+        gone = (removed or event["type"] == "thread.deleted") and self.subs.pop(thread_id, None) is not None
+        if gone and self.hub is not None:
+            self.hub.leave(thread_group(thread_id), self)
 
     async def _user_event(self, message: dict[str, Any]) -> None:
         event = json.loads(message["text"])
         kind = event.get("type")
         if kind in ("thread.removed", "thread.deleted"):
             thread_id = event.get("data", {}).get("thread_id")
-            if self.subs.pop(thread_id, None) is not None:
-                await self.channel_layer.group_discard(thread_group(thread_id), self.channel_name)
-        await self._forward(message)
+            if self.subs.pop(thread_id, None) is not None and self.hub is not None:
+                self.hub.leave(thread_group(thread_id), self)
+        await self.forward(message)
         if kind == "user.deactivated":
             await self.close(code=CLOSE_DEACTIVATED)
         elif kind == "session.revoked" and event["data"].get("session_id") == self.scope.get("auth_session_id"):
@@ -596,7 +613,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 if self.subs.get(thread_id) is not sub:
                     return
                 sub.high = seq
-                await self._forward(layer_message(payload))
+                await self.forward(layer_message(payload))
                 if payload.get("type", "").startswith("thread."):
                     await self._apply_thread_event(thread_id, payload)
             if len(rows) < realtime.BACKLOG_PAGE or (upto is not None and sub.high >= upto):

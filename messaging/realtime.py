@@ -356,6 +356,7 @@ async def group_send(group: str, event: dict[str, Any], **routing: Any) -> bool:
         return False
     message = layer_message(event)
     message.update(routing)
+    message["group"] = group
     message["ts"] = time.time()
     try:
         await layer.group_send(group, message)
@@ -394,7 +395,7 @@ class Health:
         self._epoch: str | None = None
 
     def watch(self, listener: Any) -> None:
-        """Register a consumer (it must have ``layer_recovered()``) and start the watcher if needed."""
+        """Register a listener (the hub: it has ``layer_recovered()``) and start the watcher if needed."""
         self.listeners.add(listener)
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
@@ -527,6 +528,9 @@ class Beats:
                 logger.exception("heartbeat tick failed")
 
     async def tick(self) -> None:
+        from messaging.hub import hub
+
+        hub().maybe_rejoin()
         now, beat, idle = time.monotonic(), heartbeat_seconds(), idle_timeout_seconds()
         alive = [c for c in self._sockets() if await c.beat(now=now, beat=beat, idle=idle)]
         try:
