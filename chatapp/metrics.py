@@ -4,7 +4,7 @@ Who updates what:
 
 - ``open_sockets``: the socket consumer (inc on accept, dec on disconnect);
 - ``messages_sent``: ``via="api"`` in the REST send view, ``via="ws"`` in the consumer;
-- ``fanout_latency``: the consumer, when it writes an event to its socket;
+- ``fanout_latency``: the hub (messaging/hub.py), once it has written an event to its sockets;
 - ``ratelimit_refusals`` / ``ratelimit_errors``: chatapp/ratelimit.py and messaging/ratelimits.py;
 - ``channel_layer_errors``: chatapp/broadcast.py;
 - ``slow_queries``: chatapp/db.py;
