@@ -597,3 +597,85 @@ def test_a_refused_send_shows_failed_and_retry_sends_it_once(
     assert Message.objects.filter(thread=thread, sender=alice, client_msg_id=cid).count() == 1
     assert visible_bodies(page).count("one too many") == 1
     assert page.js_errors == []
+
+
+def test_history_renders_days_groups_markdown_tombstones_edit_history_and_presence(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """The history as people read it: day separators, sender grouping, the API's rendering of
+    markdown and links, a live tombstone, the edit history on request; and presence dots."""
+    import datetime
+
+    from django.utils import timezone
+
+    from messaging.services import message_edit
+
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, participant_ids=[bob.pk], kind=ThreadKind.DIRECT)
+    old, _ = off_loop(message_send, sender=bob, thread_id=thread.pk, body="from yesterday", client_msg_id="d1")
+    Message.objects.filter(pk=old.pk).update(created_at=timezone.now() - datetime.timedelta(days=1))
+    first, _ = off_loop(
+        message_send,
+        sender=alice,
+        thread_id=thread.pk,
+        body="See **docs** at https://example.com/a?b=1",
+        client_msg_id="d2",
+    )
+    second, _ = off_loop(message_send, sender=alice, thread_id=thread.pk, body="and a second line", client_msg_id="d3")
+    off_loop(message_edit, actor=alice, message_id=second.pk, body="and a 2nd line", expected_version=1)
+
+    page_b = open_chat(browser, live_daphne, bob)
+    page_b.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    page_b.wait_for_selector("#messages .message .body")
+    wait_connected(page_b)
+
+    # One separator per day, before the first message of that day.
+    separators = page_b.locator("#messages .day-separator")
+    assert separators.count() == 2
+    order = page_b.eval_on_selector_all(
+        "#messages > li", "items => items.map((li) => li.classList.contains('day-separator') ? 'day' : li.dataset.id)"
+    )
+    assert order == ["day", str(old.pk), "day", str(first.pk), str(second.pk)]
+    # Alice's two messages in a row: the second is grouped under the first (no repeated name).
+    assert "grouped" not in str(page_b.get_attribute(f'.message[data-id="{first.pk}"]', "class"))
+    assert "grouped" in str(page_b.get_attribute(f'.message[data-id="{second.pk}"]', "class"))
+    # Markdown and links exactly as the API renders them.
+    api_html = page_b.evaluate(
+        f"async () => (await (await fetch('/api/v1/threads/{thread.pk}/messages')).json())"
+        f".messages.find((m) => m.id === {first.pk}).html"
+    )
+    assert "<strong>docs</strong>" in api_html
+    assert 'href="https://example.com/a?b=1"' in api_html
+    assert page_b.inner_html(f'.message[data-id="{first.pk}"] .body') == api_html
+
+    # The edit history on request.
+    page_b.click(f'.message[data-id="{second.pk}"] .edited')
+    page_b.wait_for_selector("#history-dialog[open]")
+    history = page_b.inner_text("#edit-history")
+    assert "and a second line" in history
+    assert "and a 2nd line" in history
+    page_b.click("#hi-close")
+
+    # Presence: bob sees alice's dot go online when she opens the chat, offline when she leaves.
+    dot = f'.thread-item[data-thread-id="{thread.pk}"] .presence-dot'
+    assert "online" not in str(page_b.get_attribute(dot, "class"))
+    page_a = open_chat(browser, live_daphne, alice)
+    page_b.wait_for_selector(f"{dot}.online")
+    page_a.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    page_a.wait_for_selector(f'.message[data-id="{first.pk}"]')
+    wait_connected(page_a)
+
+    # Alice deletes her message: bob's copy becomes a tombstone, live.
+    page_a.once("dialog", lambda dialog: dialog.accept())
+    page_a.hover(f'.message[data-id="{first.pk}"]')
+    page_a.click(f'.message[data-id="{first.pk}"] button[aria-label="Delete"]')
+    page_b.wait_for_selector(f'.message.deleted[data-id="{first.pk}"]')
+    assert page_b.inner_text(f'.message[data-id="{first.pk}"] .body') == "This message was deleted."
+    assert "docs" not in page_b.inner_text("#messages")
+    shot(page_b, "more-history")
+
+    page_a.context.close()
+    page_b.wait_for_selector(f"{dot}:not(.online)", timeout=TIMEOUT)
+    assert not page_b.js_errors
