@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import zlib
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -23,7 +24,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
-from django.db.models import F
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +83,35 @@ def broadcast_on_commit(*, group: str, event: dict[str, Any]) -> None:
     transaction.on_commit(lambda: group_send_now(group, message))
 
 
-def sequence_next(thread_id: int) -> int:
-    """Allocate the thread's next event sequence. Must run inside a transaction.
+def sequence_next(thread_id: int, *, last_message_at: datetime | None = None) -> int:
+    """Allocate the thread's next event sequence (one ``UPDATE … RETURNING``). Must run inside a transaction.
 
     The UPDATE holds the thread row's lock until commit, so concurrent writers in one thread
     queue up and get distinct numbers; a rollback undoes the increment, so there are no gaps.
+    ``last_message_at`` is set in the same statement when a message is stored.
     """
     from threads.models import Thread
 
-    if not transaction.get_connection().in_atomic_block:
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
         raise RuntimeError("sequence_next must be called inside transaction.atomic")
-    updated = Thread.objects.filter(pk=thread_id).update(last_sequence=F("last_sequence") + 1)
-    if not updated:
+    meta, quote = Thread._meta, connection.ops.quote_name
+    sequence = quote(meta.get_field("last_sequence").column)
+    assignments, params = [f"{sequence} = {sequence} + 1"], []
+    if last_message_at is not None:
+        assignments.append(f"{quote(meta.get_field('last_message_at').column)} = %s")
+        params.append(connection.ops.adapt_datetimefield_value(last_message_at))
+    # Identifiers come from the model's own metadata, quoted; values are parameters.
+    table, pk = quote(meta.db_table), quote(meta.pk.column)
+    sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {pk} = %s RETURNING {sequence}"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, thread_id])
+        row = cursor.fetchone()
+    if row is None:
         from chatapp.errors import NotFound
 
         raise NotFound("Thread not found.")
-    return int(Thread.objects.filter(pk=thread_id).values_list("last_sequence", flat=True).get())
+    return int(row[0])
 
 
 def thread_event_record(

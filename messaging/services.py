@@ -13,7 +13,7 @@ from typing import Any
 import merge3
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Prefetch, prefetch_related_objects
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -103,19 +103,20 @@ def message_send(
     send_budget_consume(user=sender)
     try:
         with transaction.atomic():
-            # Lock the thread row: writers in one thread queue here, so the re-check below
-            # sees a concurrent duplicate that committed while we waited.
-            Thread.objects.select_for_update().filter(pk=thread_id).values_list("pk").get()
+            # Taking the sequence locks the thread row: writers in one thread queue here, so the
+            # re-check below sees a concurrent duplicate that committed while we waited (and the
+            # rollback then gives the number back).
+            now = timezone.now()
+            seq = sequence_next(thread_id, last_message_at=now)
             existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
             if existing is not None:
+                transaction.set_rollback(True)
                 return existing, False
             reply_to = None
             if reply_to_id is not None:
                 reply_to = Message.objects.filter(pk=reply_to_id, thread_id=thread_id).select_related("sender").first()
                 if reply_to is None:
                     raise InvalidInput(fields={"reply_to": ["No such message in this thread."]})
-            seq = sequence_next(thread_id)
-            now = timezone.now()
             message = Message.objects.create(
                 thread_id=thread_id,
                 sender=sender,
@@ -129,13 +130,21 @@ def message_send(
                 from attachments.services import attachments_attach
 
                 attachments_attach(uploader=sender, message=message, attachment_ids=list(attachment_ids))
-            Thread.objects.filter(pk=thread_id).update(last_message_at=now)
             # The sender has read their own message.
             ThreadParticipant.objects.filter(thread_id=thread_id, user=sender).update(
                 last_read_sequence=Greatest(F("last_read_sequence"), seq),
                 last_delivered_sequence=Greatest(F("last_delivered_sequence"), seq),
             )
-            message = message_get_with_relations(message_id=message.pk)
+            # The payload's relations, known here: the sender, the reply, no reactions yet.
+            from attachments.models import Attachment
+
+            message.sender = sender
+            lookups: list[str | Prefetch[Any]] = [Prefetch("reactions", queryset=Reaction.objects.none())]
+            if attachment_ids:
+                lookups.append("attachments")
+            else:
+                lookups.append(Prefetch("attachments", queryset=Attachment.objects.none()))
+            prefetch_related_objects([message], *lookups)
             thread_event_record(
                 thread_id=thread_id,
                 type="message.created",

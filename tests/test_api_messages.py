@@ -54,6 +54,26 @@ def test_message_send_stores_renders_and_broadcasts(
 
 
 @pytest.mark.smoke
+def test_message_send_moves_the_thread_up_and_a_retry_spends_no_sequence(
+    api: Api, alice: User, bob: User, thread: Thread
+) -> None:
+    from threads.services import thread_create
+
+    quiet, _ = thread_create(creator=alice, title="Quiet", participant_ids=[bob.pk])
+    first = send(api(bob), thread, "one", "seq-1").json()
+    thread.refresh_from_db()
+    stored = Message.objects.get(pk=first["id"])
+    assert abs((thread.last_message_at - stored.created_at).total_seconds()) < 1  # set with the sequence
+    assert thread.last_sequence == first["seq"]
+    send(api(bob), quiet, "quiet one", "seq-2")
+    assert [t["id"] for t in api(bob).get("/api/v1/threads").json()["threads"]][:2] == [quiet.pk, thread.pk]
+    assert send(api(bob), thread, "one", "seq-1").status_code == 200  # a retry spends no number
+    second = send(api(bob), thread, "two", "seq-3").json()
+    assert second["seq"] == first["seq"] + 1
+    assert [t["id"] for t in api(bob).get("/api/v1/threads").json()["threads"]][:2] == [thread.pk, quiet.pk]
+
+
+@pytest.mark.smoke
 def test_message_send_is_idempotent_on_retries(api: Api, bob: User, thread: Thread) -> None:
     answers = [send(api(bob), thread, "once", "retry-1") for _ in range(3)]
     assert [a.status_code for a in answers] == [201, 200, 200]

@@ -31,10 +31,19 @@ def thread_get_for_member(*, thread_id: int, user: User, action: policy.Action =
     if not policy.is_usable(user):
         raise NotFound("Thread not found.")
     try:
-        thread = Thread.objects.get(pk=thread_id, deleted_at__isnull=True)
+        # One query for the usual case (a participant); the thread alone for system roles.
+        participant = (
+            ThreadParticipant.objects.filter(thread_id=thread_id, user=user, thread__deleted_at__isnull=True)
+            .select_related("thread")
+            .first()
+        )
+        if participant is not None:
+            thread = participant.thread
+            participant.user = user
+        else:
+            thread = Thread.objects.get(pk=thread_id, deleted_at__isnull=True)
     except (Thread.DoesNotExist, ValueError, TypeError):
         raise NotFound("Thread not found.") from None
-    participant = ThreadParticipant.objects.filter(thread=thread, user=user).select_related("user").first()
     role = policy.check(user=user, thread=thread, participant=participant, action=action)
     return ThreadAccess(thread=thread, participant=participant, role=role)
 
