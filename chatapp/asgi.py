@@ -9,15 +9,15 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from accounts.ws_auth import WebsocketAuthMiddleware  # noqa: E402
-from chatapp.routing import websocket_urlpatterns  # noqa: E402
+from chatapp.routing import websocket_app  # noqa: E402
 from chatapp.ws_origin import origin_validator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": origin_validator(WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
+        "websocket": origin_validator(WebsocketAuthMiddleware(websocket_app)),
     }
 )

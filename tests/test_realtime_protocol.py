@@ -127,6 +127,18 @@ async def test_connect_refuses_anonymous_and_inactive_users_before_accept(make_u
 
 
 @pytest.mark.smoke
+async def test_only_the_one_endpoint_accepts_sockets(alice: User) -> None:
+    from chatapp.asgi import application
+    from chatapp.routing import CLOSE_NOT_FOUND
+
+    origin = [(b"origin", b"http://localhost")]
+    elsewhere = WebsocketCommunicator(application, "/ws/elsewhere/", headers=origin)
+    assert await elsewhere.connect(timeout=5) == (False, CLOSE_NOT_FOUND)
+    anonymous = WebsocketCommunicator(application, "/ws/", headers=origin)
+    assert await anonymous.connect(timeout=5) == (False, consumers.CLOSE_UNAUTHENTICATED)  # the route is there
+
+
+@pytest.mark.smoke
 async def test_connect_accepts_the_chatapp_subprotocol(alice: User) -> None:
     sock = Socket(alice, subprotocols=["chatapp.v1", "bearer.x"])
     assert await sock.connect() == (True, "chatapp.v1")
