@@ -38,7 +38,7 @@ PUBSUB = "channels_redis.pubsub.RedisPubSubChannelLayer"
 MEMBERS = 100
 IDLE = 2000
 ROUNDS = 3
-RATES = (25, 40, 50, 60, 75, 100, 150, 200, 300, 400, 600, 800, 1200)
+RATES = (25, 50, 75, 90, 100, 110, 125, 150, 175, 200, 300, 400, 600, 800, 1200)
 
 
 def raise_fd_limit() -> int:
