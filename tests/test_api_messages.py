@@ -63,6 +63,7 @@ def test_message_send_moves_the_thread_up_and_a_retry_spends_no_sequence(
     first = send(api(bob), thread, "one", "seq-1").json()
     thread.refresh_from_db()
     stored = Message.objects.get(pk=first["id"])
+    assert thread.last_message_at is not None
     assert abs((thread.last_message_at - stored.created_at).total_seconds()) < 1  # set with the sequence
     assert thread.last_sequence == first["seq"]
     send(api(bob), quiet, "quiet one", "seq-2")
