@@ -140,8 +140,13 @@ class Hub:
         if not members:
             return
         for socket in list(members):
-            if socket.take(message):
-                await socket.forward(message)
+            try:
+                if socket.take(message):
+                    await socket.forward(message)
+            except Exception:
+                # One socket's failure must not stop the others, nor the hub (every socket of the
+                # process depends on it); that socket catches up from the log when it resumes.
+                logger.exception("delivering an event to a socket failed")
         sent_at = message.get("ts")
         if sent_at is not None:
             metrics.fanout_latency.observe(max(0.0, time.time() - sent_at))

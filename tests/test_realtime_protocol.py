@@ -329,6 +329,29 @@ async def test_live_duplicates_are_dropped_and_a_gap_is_filled_from_the_log(
 
 
 @pytest.mark.smoke
+async def test_one_broken_socket_does_not_stop_the_hub(
+    alice: User, bob: User, thread: Thread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = Socket(alice), Socket(bob)
+    for sock in (a, b):
+        await sock.connect()
+        await sock.subscribe(thread.pk, last_seq=0)
+    (broken,) = [c for c in realtime.live if c.user_id == alice.pk]
+
+    def fail(message: dict[str, Any]) -> bool:
+        raise RuntimeError("this socket is broken")
+
+    monkeypatch.setattr(broken, "take", fail)
+    for n in (1, 2):  # the hub survives the failure and keeps delivering
+        sent = await send_message(alice, thread, f"still here {n}", f"hub-{n}")
+        created = await b.next("message.created")
+        assert created["seq"] == sent.sequence
+    monkeypatch.undo()
+    await a.close()
+    await b.close()
+
+
+@pytest.mark.smoke
 async def test_typing_is_throttled_never_echoed_and_needs_a_subscription(
     alice: User, bob: User, thread: Thread
 ) -> None:
