@@ -103,15 +103,12 @@ def message_send(
     send_budget_consume(user=sender)
     try:
         with transaction.atomic():
-            # Taking the sequence locks the thread row: writers in one thread queue here, so the
-            # re-check below sees a concurrent duplicate that committed while we waited (and the
-            # rollback then gives the number back).
+            # Taking the sequence locks the thread row: writers in one thread queue here. A
+            # duplicate that committed meanwhile makes the insert below fail on the unique
+            # (sender, client_msg_id): the rollback gives the number back and the retry is answered
+            # with the original (below).
             now = timezone.now()
             seq = sequence_next(thread_id, last_message_at=now)
-            existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
-            if existing is not None:
-                transaction.set_rollback(True)
-                return existing, False
             reply_to = None
             if reply_to_id is not None:
                 reply_to = Message.objects.filter(pk=reply_to_id, thread_id=thread_id).select_related("sender").first()
@@ -154,7 +151,7 @@ def message_send(
             )
             _notify_for_message(message=message, thread=access.thread)
     except IntegrityError:
-        # A concurrent retry with the same client_msg_id in another thread's lock won the insert.
+        # A concurrent send with the same client_msg_id committed first.
         existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
         if existing is None:
             raise
