@@ -160,8 +160,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.subs: dict[int, Subscription] = {}
         self.last_heard = time.monotonic()
         self.receipts: realtime.ReceiptBatcher | None = None  # made at the first read/delivered mark
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.hub: Hub | None = None
+        self.hub: Hub = hub()  # built inside the event loop (channels' as_asgi), so this is its hub
         self.inbox: deque[dict[str, Any]] | None = None  # events for this socket's task (slow path)
         self.waiter: asyncio.Future[None] | None = None
         self.busy = False  # handling a frame or an inbox event: live events wait in the inbox
@@ -177,8 +176,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         process (:class:`messaging.realtime.Beats`); receipts get a batcher only once used.
         """
         self.scope = scope
-        self.loop = asyncio.get_running_loop()
-        self.hub = hub()
         self.base_send = send
         try:
             await await_many_dispatch([receive, self._inbox_receive], self.dispatch)
@@ -281,7 +278,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_TOO_MANY)
             return
         self.counted = True
-        assert self.hub is not None
         try:
             await self.hub.join(user_group(self.user_id), self)
         except Exception:
@@ -320,9 +316,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.receipts.close()
         except Exception:
             logger.warning("receipt flush on disconnect failed", exc_info=True)
-        if self.hub is not None:
-            for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
-                self.hub.leave(group, self)
+        for group in [user_group(self.user_id), *(thread_group(tid) for tid in self.subs)]:
+            self.hub.leave(group, self)
         self.subs.clear()
         if self.counted and await self._uncount():
             await realtime.presence_broadcast(user_id=self.user_id, online=False)
@@ -424,7 +419,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         data = parse(SubscribeFrame, frame)
         thread_id, last_seq = data["thread_id"], data.get("last_seq")
         group = thread_group(thread_id)
-        assert self.hub is not None
         # Join first: whatever commits after the permission check's read arrives live.
         await self.hub.join(group, self)
         try:
@@ -451,8 +445,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def frame_unsubscribe(self, frame: dict[str, Any], request_id: Any) -> None:
         thread_id = parse(ThreadFrame, frame)["thread_id"]
-        if self.subs.pop(thread_id, None) is not None and self.hub is not None:
-            self.hub.leave(thread_group(thread_id), self)
+        self._drop(thread_id)
         await self.ack(request_id, {"thread_id": thread_id})
 
     async def frame_message_send(self, frame: dict[str, Any], request_id: Any) -> None:
@@ -574,7 +567,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         sub.high = seq
         await self.forward(message)
         if message["text"].startswith('{"type":"thread.'):
-            await self._apply_thread_event(thread_id, json.loads(message["text"]))
+            self._apply_thread_event(thread_id, json.loads(message["text"]))
 
     async def forward(self, message: dict[str, Any]) -> None:
         """Write an event's frame as serialised (or compressed) once for everyone."""
@@ -585,20 +578,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
         else:
             await self.base_send({"type": "websocket.send", "text": message["text"]})
 
-    async def _apply_thread_event(self, thread_id: int, event: dict[str, Any]) -> None:
+    def _drop(self, thread_id: Any) -> None:
+        """Stop receiving a thread (unsubscribed, removed, or the thread is gone)."""
+        if self.subs.pop(thread_id, None) is not None:
+            self.hub.leave(thread_group(thread_id), self)
+
+    def _apply_thread_event(self, thread_id: int, event: dict[str, Any]) -> None:
         """Safety net: stop a thread this socket may no longer see, even if the user notice was lost."""
         removed = event["type"] == "thread.participant_removed" and event["data"].get("user_id") == self.user_id
-        gone = (removed or event["type"] == "thread.deleted") and self.subs.pop(thread_id, None) is not None
-        if gone and self.hub is not None:
-            self.hub.leave(thread_group(thread_id), self)
+        if removed or event["type"] == "thread.deleted":
+            self._drop(thread_id)
 
     async def _user_event(self, message: dict[str, Any]) -> None:
         event = json.loads(message["text"])
         kind = event.get("type")
         if kind in ("thread.removed", "thread.deleted"):
-            thread_id = event.get("data", {}).get("thread_id")
-            if self.subs.pop(thread_id, None) is not None and self.hub is not None:
-                self.hub.leave(thread_group(thread_id), self)
+            self._drop(event.get("data", {}).get("thread_id"))
         await self.forward(message)
         if kind == "user.deactivated":
             await self.close(code=CLOSE_DEACTIVATED)
@@ -615,7 +610,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 sub.high = seq
                 await self.forward(layer_message(payload))
                 if payload.get("type", "").startswith("thread."):
-                    await self._apply_thread_event(thread_id, payload)
+                    self._apply_thread_event(thread_id, payload)
             if len(rows) < realtime.BACKLOG_PAGE or (upto is not None and sub.high >= upto):
                 return
 

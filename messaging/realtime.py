@@ -517,7 +517,7 @@ class Beats:
 
     def _sockets(self) -> list[Any]:
         loop = asyncio.get_running_loop()
-        return [c for c in list(live) if c.loop is loop and c.counted and not c.closing]
+        return [c for c in list(live) if c.hub.loop is loop and c.counted and not c.closing]
 
     async def _run(self) -> None:
         while self._sockets():

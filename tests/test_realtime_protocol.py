@@ -49,6 +49,20 @@ class Socket:
         self.binary = 0
         self.ids = 0
 
+    @classmethod
+    async def signed_in(cls, user: Any, session_key: str) -> Socket:
+        """A socket through the real authentication middleware, signed in by the session cookie."""
+        from django.conf import settings
+
+        from accounts.ws_auth import WebsocketAuthMiddleware
+
+        sock = cls(user)
+        cookie = (b"cookie", f"{settings.SESSION_COOKIE_NAME}={session_key}".encode())
+        sock.comm = WebsocketCommunicator(WebsocketAuthMiddleware(ChatConsumer.as_asgi()), "/ws/", headers=[cookie])
+        assert (await sock.comm.connect(timeout=5))[0]
+        assert (await sock.next("ready"))["data"]["user_id"] == user.pk  # signed in by the cookie
+        return sock
+
     async def connect(self) -> tuple[bool, Any]:
         connected, detail = await self.comm.connect(timeout=5)
         if connected:
@@ -483,20 +497,12 @@ async def test_signing_out_closes_the_sockets_of_that_session_only(alice: User) 
     from asgiref.sync import sync_to_async
     from django.test import Client
 
-    from accounts.ws_auth import WebsocketAuthMiddleware
-
     browsers = [Client(), Client()]
     sockets, keys = [], []
     for browser in browsers:
         await sync_to_async(browser.force_login)(alice)
         keys.append(browser.cookies["sessionid"].value)
-        cookie = f"sessionid={keys[-1]}".encode()
-        app = WebsocketAuthMiddleware(ChatConsumer.as_asgi())
-        sock = Socket(alice)
-        sock.comm = WebsocketCommunicator(app, "/ws/", headers=[(b"cookie", cookie)])
-        assert (await sock.comm.connect(timeout=5))[0]
-        assert (await sock.next("ready"))["data"]["user_id"] == alice.pk  # signed in by the cookie
-        sockets.append(sock)
+        sockets.append(await Socket.signed_in(alice, keys[-1]))
     signed_out, staying = sockets
     response = await sync_to_async(browsers[0].post)("/accounts/logout/")
     assert response.status_code == 302
@@ -516,7 +522,6 @@ async def test_open_sockets_share_the_processs_redis_connections(make_user: Call
     from asgiref.sync import sync_to_async
     from django.conf import settings
 
-    from accounts.ws_auth import WebsocketAuthMiddleware
     from tests.live import session_cookie
 
     needs("redis")
@@ -524,14 +529,7 @@ async def test_open_sockets_share_the_processs_redis_connections(make_user: Call
     cookies = [await sync_to_async(session_cookie)(user) for user in users]
     server = redis.Redis.from_url(settings.REDIS_URL)
     before = len(server.client_list())
-    sockets = []
-    for user, cookie in zip(users, cookies, strict=True):
-        sock = Socket(user)
-        header = (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode())
-        sock.comm = WebsocketCommunicator(WebsocketAuthMiddleware(ChatConsumer.as_asgi()), "/ws/", headers=[header])
-        assert (await sock.comm.connect(timeout=5))[0]
-        assert (await sock.next("ready"))["data"]["user_id"] == user.pk
-        sockets.append(sock)
+    sockets = [await Socket.signed_in(user, cookie) for user, cookie in zip(users, cookies, strict=True)]
     assert len(server.client_list()) - before < 10  # was one more Redis client per socket
     for sock in sockets:
         await sock.close()
