@@ -405,9 +405,12 @@ class Health:
         self.up = False
 
     async def _run(self) -> None:
+        from messaging.hub import stop_if_cancelled
+
         while self.listeners:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
             await self.check()
+            stop_if_cancelled()  # check() swallows errors, a disguised cancellation among them
 
     async def check(self) -> None:
         try:
@@ -520,11 +523,14 @@ class Beats:
         return [c for c in list(live) if c.hub.loop is loop and c.counted and not c.closing]
 
     async def _run(self) -> None:
+        from messaging.hub import stop_if_cancelled
+
         while self._sockets():
             await asyncio.sleep(min(heartbeat_seconds(), idle_timeout_seconds() / 4))
             try:
                 await self.tick()
             except Exception:
+                stop_if_cancelled()
                 logger.exception("heartbeat tick failed")
 
     async def tick(self) -> None:

@@ -366,6 +366,39 @@ async def test_one_broken_socket_does_not_stop_the_hub(
 
 
 @pytest.mark.smoke
+async def test_the_hub_stops_when_cancelled_even_if_redis_py_reports_a_timeout(alice: User) -> None:
+    """redis-py can turn a cancellation into its TimeoutError; the hub's retry loop must still end."""
+    import redis.exceptions
+
+    from messaging.hub import Hub
+
+    class Layer:
+        disguised = 0
+
+        async def new_channel(self) -> str:
+            return "hub-test!"
+
+        async def receive(self, channel: str) -> dict[str, Any]:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if self.disguised:  # once, so that a failing run can still end at teardown
+                    raise
+                self.disguised += 1
+                raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1") from None
+            raise AssertionError("unreachable")
+
+    loop_hub = Hub(asyncio.get_running_loop())
+    loop_hub.layer = Layer()
+    await loop_hub._start()
+    assert loop_hub.task is not None
+    await asyncio.sleep(0.05)
+    loop_hub.task.cancel()
+    await asyncio.wait({loop_hub.task}, timeout=5)
+    assert loop_hub.task.cancelled()
+
+
+@pytest.mark.smoke
 async def test_typing_is_throttled_never_echoed_and_needs_a_subscription(
     alice: User, bob: User, thread: Thread
 ) -> None:
