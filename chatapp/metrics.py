@@ -5,6 +5,7 @@ Who updates what:
 - ``open_sockets``: the socket consumer (inc on accept, dec on disconnect);
 - ``messages_sent``: ``via="api"`` in the REST send view, ``via="ws"`` in the consumer;
 - ``fanout_latency``: the hub (messaging/hub.py), once it has written an event to its sockets;
+- ``socket_writes_buffered``: messaging/wire.py, when a socket's send buffer is full;
 - ``ratelimit_refusals`` / ``ratelimit_errors``: chatapp/ratelimit.py and messaging/ratelimits.py;
 - ``channel_layer_errors``: chatapp/broadcast.py;
 - ``slow_queries``: chatapp/db.py;
@@ -42,6 +43,10 @@ fanout_latency = Histogram(
 ratelimit_refusals = Counter("chatapp_ratelimit_refusals_total", "Requests refused by a rate limit", ["scope"])
 ratelimit_errors = Counter("chatapp_ratelimit_errors_total", "Rate-limit checks that failed open (cache errors)")
 channel_layer_errors = Counter("chatapp_channel_layer_errors_total", "Channel-layer sends that failed")
+socket_writes_buffered = Counter(
+    "chatapp_socket_writes_buffered_total",
+    "Event frames the kernel did not take whole (a slow or stalled client): the rest waits in the server",
+)
 slow_queries = Counter("chatapp_slow_queries_total", "Database queries slower than CHATAPP_SLOW_QUERY_SECONDS")
 
 # Series that exist from the first scrape, so rate() and alerts see zeros instead of gaps.

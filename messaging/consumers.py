@@ -33,7 +33,7 @@ from rest_framework import serializers
 from chatapp import metrics
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
-from messaging import realtime, services
+from messaging import realtime, services, wire
 from messaging.hub import Hub, hub, stop_if_cancelled
 from messaging.realtime import db
 from threads import policy
@@ -164,6 +164,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.inbox: deque[dict[str, Any]] | None = None  # events for this socket's task (slow path)
         self.waiter: asyncio.Future[None] | None = None
         self.busy = False  # handling a frame or an inbox event: live events wait in the inbox
+        self.protocol: Any = None  # daphne's autobahn protocol (messaging/wire.py), or None
 
     # --- ASGI plumbing ---------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """
         self.scope = scope
         self.base_send = send
+        self.protocol = wire.daphne_protocol(send)  # events go out as frames prepared once
         try:
             await await_many_dispatch([receive, self._inbox_receive], self.dispatch)
         except StopConsumer:
@@ -574,7 +576,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Write an event's frame as serialised (or compressed) once for everyone."""
         if self.closing:
             return
-        if self.compress and "z" in message:
+        zipped = self.compress and "z" in message
+        if self.protocol is not None:
+            wire.write_event(self.protocol, message, zipped=zipped)
+        elif zipped:
             await self.base_send({"type": "websocket.send", "bytes": message["z"]})
         else:
             await self.base_send({"type": "websocket.send", "text": message["text"]})

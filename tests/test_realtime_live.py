@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import random
+import socket
+import string
 import time
+import urllib.request
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -165,6 +170,75 @@ def test_a_killed_connection_resumes_with_exactly_the_missed_messages(
         assert message_seqs(back, thread.pk) == [m["seq"] for m in acked] + [after["seq"]]
         await a.close()
         await back.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stalled_reader_gets_every_event_in_order_once_it_reads_again(
+    pair: list[ServerProcess], alice: User, bob: User, thread: Thread
+) -> None:
+    """Events are written straight to the socket while it keeps up (messaging/wire.py); once the
+    client stops reading and the kernel's buffers fill, the rest waits in the server, in order."""
+    one, _ = pair
+    cookies = session_cookie(alice), session_cookie(bob)
+    body = "".join(random.choices(string.ascii_letters, k=60_000))  # ~60 KB frames, incompressible
+
+    def buffered_writes() -> float:
+        with urllib.request.urlopen(f"{one.origin}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("chatapp_socket_writes_buffered_total ")
+        )
+
+    async def scenario() -> None:
+        a = await Client.open(one, cookies[0])
+        # bob reads through a fixed 64 KB receive buffer (no autotuning), and the client library
+        # stops reading from the socket after one queued frame: the server's writes back up as
+        # soon as he stops. (Much smaller windows crawl, and daphne's 30 s ping timeout cuts in.)
+        raw = socket.create_connection(("127.0.0.1", int(one.origin.rsplit(":", 1)[1])))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        slow = await connect(
+            one.ws_url,
+            sock=raw,
+            origin=one.origin,  # type: ignore[arg-type]
+            additional_headers={"Cookie": f"sessionid={cookies[1]}"},
+            max_size=None,
+            max_queue=1,
+            ping_interval=None,
+        )
+        frames: list[dict[str, Any]] = []
+
+        async def recv_until(predicate: Any) -> dict[str, Any]:
+            while True:
+                frame = json.loads(await asyncio.wait_for(slow.recv(), 20))
+                frames.append(frame)
+                if predicate(frame):
+                    return frame
+
+        packed = await Client.open(one, cookies[0], query="compress=deflate-raw")  # the web page's way
+        await packed.request("subscribe", thread_id=thread.pk, last_seq=0)
+        await recv_until(lambda f: f["type"] == "ready")
+        await slow.send(json.dumps({"type": "subscribe", "id": "s", "thread_id": thread.pk, "last_seq": 0}))
+        await recv_until(lambda f: f.get("id") == "s")
+        before = buffered_writes()
+        acked = [await send(a, thread, f"{n} {body}", f"slow-{n}") for n in range(40)]  # bob is not reading
+        after = buffered_writes()
+        await recv_until(lambda f: f["type"] == "message.created" and f["seq"] == acked[-1]["seq"])
+        created = [f for f in frames if f["type"] == "message.created"]
+        assert [f["seq"] for f in created] == [m["seq"] for m in acked]
+        assert [f["data"]["message"]["body"] for f in created] == [f"{n} {body}" for n in range(40)]
+        assert after > before  # the buffers did fill: the buffered path was taken, not only the direct one
+        # Over 10 KB, a socket that asked for it gets each event as one compressed binary frame.
+        await packed.wait_for(lambda f: f["type"] == "message.created" and f["seq"] == acked[-1]["seq"])
+        assert [f["data"]["message"]["body"] for f in packed.events("message.created")] == [
+            f"{n} {body}" for n in range(40)
+        ]
+        assert packed.binary_frames == 40
+        await packed.close()
+        await slow.close()
+        await a.close()
 
     asyncio.run(scenario())
 
