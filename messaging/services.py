@@ -13,7 +13,7 @@ from typing import Any
 import merge3
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Prefetch, prefetch_related_objects
+from django.db.models import F, prefetch_related_objects
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -78,6 +78,23 @@ def _existing_send(*, sender: User, client_msg_id: str, thread_id: int) -> Messa
     return existing
 
 
+def _relations_known(message: Message, *, sender: User, attachments: bool) -> None:
+    """A new message's relations without queries: its sender, no reactions, its attachments.
+
+    Stored as Django's prefetch cache, so that the event here and the caller's reply (the REST
+    response builds the payload again) read them without a query.
+    """
+    from attachments.models import Attachment
+
+    message.sender = sender
+    known: dict[str, Any] = {"reactions": Reaction.objects.none()}
+    if not attachments:
+        known["attachments"] = Attachment.objects.none()
+    message._prefetched_objects_cache = known  # type: ignore[attr-defined]
+    if attachments:
+        prefetch_related_objects([message], "attachments")
+
+
 def message_send(
     *,
     sender: User,
@@ -96,17 +113,13 @@ def message_send(
     if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID_RE.match(client_msg_id):
         raise InvalidInput(fields={"client_msg_id": ["1-64 characters of letters, digits, '_', '.', ':' or '-'."]})
     access = thread_get_for_member(thread_id=thread_id, user=sender, action=policy.Action.SEND)
-    existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
-    if existing is not None:
-        return existing, False
     body = _check_body(body, allow_empty=bool(attachment_ids))
-    send_budget_consume(user=sender)
     try:
         with transaction.atomic():
-            # Taking the sequence locks the thread row: writers in one thread queue here. A
-            # duplicate that committed meanwhile makes the insert below fail on the unique
-            # (sender, client_msg_id): the rollback gives the number back and the retry is answered
-            # with the original (below).
+            # Taking the sequence locks the thread row: writers in one thread queue here. A retry
+            # (the same client_msg_id, stored before or committed meanwhile) fails the insert on the
+            # unique (sender, client_msg_id); the rollback gives the number back and the retry is
+            # answered with the original (below), without a lookup on every first send.
             now = timezone.now()
             seq = sequence_next(thread_id, last_message_at=now)
             reply_to = None
@@ -123,6 +136,7 @@ def message_send(
                 client_msg_id=client_msg_id,
                 sequence=seq,
             )
+            send_budget_consume(user=sender)  # after the insert: a retry never spends the budget
             if attachment_ids:
                 from attachments.services import attachments_attach
 
@@ -132,16 +146,7 @@ def message_send(
                 last_read_sequence=Greatest(F("last_read_sequence"), seq),
                 last_delivered_sequence=Greatest(F("last_delivered_sequence"), seq),
             )
-            # The payload's relations, known here: the sender, the reply, no reactions yet.
-            from attachments.models import Attachment
-
-            message.sender = sender
-            lookups: list[str | Prefetch[Any]] = [Prefetch("reactions", queryset=Reaction.objects.none())]
-            if attachment_ids:
-                lookups.append("attachments")
-            else:
-                lookups.append(Prefetch("attachments", queryset=Attachment.objects.none()))
-            prefetch_related_objects([message], *lookups)
+            _relations_known(message, sender=sender, attachments=bool(attachment_ids))
             thread_event_record(
                 thread_id=thread_id,
                 type="message.created",
@@ -151,7 +156,7 @@ def message_send(
             )
             _notify_for_message(message=message, thread=access.thread)
     except IntegrityError:
-        # A concurrent send with the same client_msg_id committed first.
+        # A retry: this client_msg_id is stored already (by an earlier send, or a concurrent one).
         existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
         if existing is None:
             raise
