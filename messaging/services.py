@@ -81,18 +81,25 @@ def _existing_send(*, sender: User, client_msg_id: str, thread_id: int) -> Messa
 def _relations_known(message: Message, *, sender: User, attachments: bool) -> None:
     """A new message's relations without queries: its sender, no reactions, its attachments.
 
-    Stored as Django's prefetch cache, so that the event here and the caller's reply (the REST
-    response builds the payload again) read them without a query.
+    Stored the way ``prefetch_related`` stores results (a queryset with its result cache filled),
+    so that the event here and the caller's reply (the REST response builds the payload again)
+    read them without a query, nor a query compiled to find out it is empty.
     """
     from attachments.models import Attachment
 
     message.sender = sender
-    known: dict[str, Any] = {"reactions": Reaction.objects.none()}
+    known: dict[str, Any] = {"reactions": _evaluated(Reaction.objects.none())}
     if not attachments:
-        known["attachments"] = Attachment.objects.none()
+        known["attachments"] = _evaluated(Attachment.objects.none())
     message._prefetched_objects_cache = known  # type: ignore[attr-defined]
     if attachments:
         prefetch_related_objects([message], "attachments")
+
+
+def _evaluated(queryset: Any) -> Any:
+    queryset._result_cache = []
+    queryset._prefetch_done = True
+    return queryset
 
 
 def message_send(
