@@ -13,8 +13,7 @@ from typing import Any
 import merge3
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, prefetch_related_objects
-from django.db.models.functions import Greatest
+from django.db.models import prefetch_related_objects
 from django.utils import timezone
 
 from accounts.models import AuditEntry, User
@@ -121,47 +120,46 @@ def message_send(
         raise InvalidInput(fields={"client_msg_id": ["1-64 characters of letters, digits, '_', '.', ':' or '-'."]})
     access = thread_get_for_member(thread_id=thread_id, user=sender, action=policy.Action.SEND)
     body = _check_body(body, allow_empty=bool(attachment_ids))
+    # Everything that does not need the sequence happens before the thread's lock is taken: writers
+    # in one thread queue on it, so the time it is held bounds how fast a busy thread can go.
+    reply_to = None
+    if reply_to_id is not None:
+        reply_to = Message.objects.filter(pk=reply_to_id, thread_id=thread_id).select_related("sender").first()
+        if reply_to is None:
+            raise InvalidInput(fields={"reply_to": ["No such message in this thread."]})
+    message = Message(
+        thread_id=thread_id,
+        sender=sender,
+        body=body,
+        body_html=render_body(body),
+        reply_to=reply_to,
+        client_msg_id=client_msg_id,
+    )
+    notify = _notification_kinds(message=message, thread=access.thread)
     try:
         with transaction.atomic():
-            # Taking the sequence locks the thread row: writers in one thread queue here. A retry
-            # (the same client_msg_id, stored before or committed meanwhile) fails the insert on the
-            # unique (sender, client_msg_id); the rollback gives the number back and the retry is
-            # answered with the original (below), without a lookup on every first send.
-            now = timezone.now()
-            seq = sequence_next(thread_id, last_message_at=now)
-            reply_to = None
-            if reply_to_id is not None:
-                reply_to = Message.objects.filter(pk=reply_to_id, thread_id=thread_id).select_related("sender").first()
-                if reply_to is None:
-                    raise InvalidInput(fields={"reply_to": ["No such message in this thread."]})
-            message = Message.objects.create(
-                thread_id=thread_id,
-                sender=sender,
-                body=body,
-                body_html=render_body(body),
-                reply_to=reply_to,
-                client_msg_id=client_msg_id,
-                sequence=seq,
-            )
+            # Taking the sequence locks the thread row until commit. A retry (the same
+            # client_msg_id, stored before or committed meanwhile) fails the insert on the unique
+            # (sender, client_msg_id); the rollback gives the number back and the retry is answered
+            # with the original (below), without a lookup on every first send.
+            message.sequence = sequence_next(thread_id, last_message_at=timezone.now())
+            message.save(force_insert=True)
             send_budget_consume(user=sender)  # after the insert: a retry never spends the budget
             if attachment_ids:
                 from attachments.services import attachments_attach
 
                 attachments_attach(uploader=sender, message=message, attachment_ids=list(attachment_ids))
-            # The sender has read their own message.
-            ThreadParticipant.objects.filter(thread_id=thread_id, user=sender).update(
-                last_read_sequence=Greatest(F("last_read_sequence"), seq),
-                last_delivered_sequence=Greatest(F("last_delivered_sequence"), seq),
-            )
+            _own_message_read(thread_id=thread_id, user_id=sender.pk, seq=message.sequence)
             _relations_known(message, sender=sender, attachments=bool(attachment_ids))
             thread_event_record(
                 thread_id=thread_id,
                 type="message.created",
                 data={"message": events.message_payload(message)},
                 message_id=message.pk,
-                sequence=seq,
+                sequence=message.sequence,
             )
-            _notify_for_message(message=message, thread=access.thread)
+            if notify:
+                _notifications_create(message=message, kinds=notify)
     except IntegrityError:
         # A retry: this client_msg_id is stored already (by an earlier send, or a concurrent one).
         existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
@@ -171,8 +169,27 @@ def message_send(
     return message, True
 
 
-def _notify_for_message(*, message: Message, thread: Thread) -> None:
-    """Notifications for mentions, replies to someone and direct messages (after commit)."""
+def _own_message_read(*, thread_id: int, user_id: int, seq: int) -> None:
+    """The sender has read (and received) their own message: raise both marks to ``seq``.
+
+    One plain statement (portable SQL, identifiers from the model's metadata): it runs under the
+    thread's lock, where the ORM's expression compiling cost more than the write itself.
+    """
+    connection = transaction.get_connection()
+    meta, quote = ThreadParticipant._meta, connection.ops.quote_name
+    column = {field.name: quote(field.column) for field in meta.concrete_fields}
+    read, delivered = column["last_read_sequence"], column["last_delivered_sequence"]
+    thread, user = column["thread"], column["user"]
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET {read} = CASE WHEN {read} < %s THEN %s ELSE {read} END, "  # noqa: S608
+        f"{delivered} = CASE WHEN {delivered} < %s THEN %s ELSE {delivered} END WHERE {thread} = %s AND {user} = %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [seq, seq, seq, seq, thread_id, user_id])
+
+
+def _notification_kinds(*, message: Message, thread: Thread) -> dict[int, str]:
+    """Who hears of a new message: mentions, replies to someone, direct messages (by user id)."""
     kinds: dict[int, str] = {}
     participants = ThreadParticipant.objects.filter(thread_id=thread.pk).exclude(user_id=message.sender_id)
     if thread.kind == ThreadKind.DIRECT:
@@ -189,11 +206,16 @@ def _notify_for_message(*, message: Message, thread: Thread) -> None:
     if names:
         for uid in participants.filter(user__username__in=names).values_list("user_id", flat=True):
             kinds[uid] = NotificationKind.MENTION
-    if not kinds:
-        return
+    return kinds
+
+
+def _notifications_create(*, message: Message, kinds: dict[int, str]) -> None:
+    """Store the notifications and send each to its recipient (after commit)."""
     rows = Notification.objects.bulk_create(
         [
-            Notification(recipient_id=uid, kind=kind, thread_id=thread.pk, message=message, actor_id=message.sender_id)
+            Notification(
+                recipient_id=uid, kind=kind, thread_id=message.thread_id, message=message, actor_id=message.sender_id
+            )
             for uid, kind in kinds.items()
         ]
     )
