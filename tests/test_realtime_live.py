@@ -182,6 +182,9 @@ def test_a_stalled_reader_gets_every_event_in_order_once_it_reads_again(
     one, _ = pair
     cookies = session_cookie(alice), session_cookie(bob)
     body = "".join(random.choices(string.ascii_letters, k=60_000))  # ~60 KB frames, incompressible
+    # 4.8 MB in all: more than the server's send buffer can grow to (tcp_wmem's 4 MB) plus bob's
+    # receive buffer, so some writes must wait in the server whatever the kernel's autotuning does.
+    count = 80
 
     def buffered_writes() -> float:
         with urllib.request.urlopen(f"{one.origin}/metrics", timeout=5) as reply:
@@ -223,19 +226,19 @@ def test_a_stalled_reader_gets_every_event_in_order_once_it_reads_again(
         await slow.send(json.dumps({"type": "subscribe", "id": "s", "thread_id": thread.pk, "last_seq": 0}))
         await recv_until(lambda f: f.get("id") == "s")
         before = buffered_writes()
-        acked = [await send(a, thread, f"{n} {body}", f"slow-{n}") for n in range(40)]  # bob is not reading
+        acked = [await send(a, thread, f"{n} {body}", f"slow-{n}") for n in range(count)]  # bob is not reading
         after = buffered_writes()
         await recv_until(lambda f: f["type"] == "message.created" and f["seq"] == acked[-1]["seq"])
         created = [f for f in frames if f["type"] == "message.created"]
         assert [f["seq"] for f in created] == [m["seq"] for m in acked]
-        assert [f["data"]["message"]["body"] for f in created] == [f"{n} {body}" for n in range(40)]
+        assert [f["data"]["message"]["body"] for f in created] == [f"{n} {body}" for n in range(count)]
         assert after > before  # the buffers did fill: the buffered path was taken, not only the direct one
         # Over 10 KB, a socket that asked for it gets each event as one compressed binary frame.
         await packed.wait_for(lambda f: f["type"] == "message.created" and f["seq"] == acked[-1]["seq"])
         assert [f["data"]["message"]["body"] for f in packed.events("message.created")] == [
-            f"{n} {body}" for n in range(40)
+            f"{n} {body}" for n in range(count)
         ]
-        assert packed.binary_frames == 40
+        assert packed.binary_frames == count
         await packed.close()
         await slow.close()
         await a.close()

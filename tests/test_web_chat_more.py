@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -679,3 +680,40 @@ def test_history_renders_days_groups_markdown_tombstones_edit_history_and_presen
     page_a.context.close()
     page_b.wait_for_selector(f"{dot}:not(.online)", timeout=TIMEOUT)
     assert not page_b.js_errors
+
+
+def test_a_message_arriving_while_the_history_loads_is_kept(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """The page is subscribed to every thread before it opens one: a message can arrive live while
+    the history page is on its way, and the (older) page must not wipe it out."""
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Race", participant_ids=[bob.pk])
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body="earlier", client_msg_id="race-0")
+    page = open_chat(browser, live_daphne, bob)
+    wait_connected(page)
+
+    # Hold the history response: read it from the server now (before the new message), hand it
+    # to the page only after the new message has arrived on the socket.
+    held: list[tuple[Any, Any]] = []
+
+    def hold(route: Any) -> None:
+        held.append((route, route.fetch()))
+
+    page.context.route(f"**/api/v1/threads/{thread.pk}/messages*", hold)
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the history request was not made"
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body="arrived during the load", client_msg_id="race-1")
+    page.wait_for_selector("#messages .message .body:has-text('arrived during the load')")
+    route, response = held[0]
+    route.fulfill(response=response)
+    page.wait_for_selector("#messages .message .body:has-text('earlier')")
+    page.wait_for_timeout(300)
+    assert visible_bodies(page) == ["earlier", "arrived during the load"]
+    page.context.unroute(f"**/api/v1/threads/{thread.pk}/messages*")
+    assert page.js_errors == []

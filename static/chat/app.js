@@ -346,8 +346,12 @@
     state.detail = detail;
     for (const p of detail.participants) state.presence.set(p.user.id, state.presence.get(p.user.id) || false);
     const store = threadMessages(threadId);
+    // The socket is subscribed to every thread: messages may have arrived while this page was on
+    // its way. Those newer than the page (it was read before they were stored) are kept.
+    const arrived = aroundSeq ? [] : [...store.values()].filter((m) => m.seq > page.last_sequence);
     store.clear();
     for (const message of page.messages) store.set(message.seq, message);
+    for (const message of arrived) if (!store.has(message.seq)) store.set(message.seq, message);
     state.oldestReached.set(threadId, page.oldest_reached);
     if (!state.lastSeq.has(threadId) || state.lastSeq.get(threadId) < page.last_sequence) {
       state.lastSeq.set(threadId, page.last_sequence);
