@@ -180,7 +180,7 @@ def test_restart_mid_conversation_loses_and_doubles_nothing(
     for page in (page_a, page_b):
         wait_connected(page)
         page.wait_for_selector("#messages .message .body:has-text('missed 2')")
-        page.wait_for_selector("#messages .message:not(.queued) .body:has-text('during the outage')")
+        page.wait_for_selector("#messages .message:not(.queued):not(.pending) .body:has-text('during the outage')")
     expected = ["before 0", "before 1", "before 2", "during the outage", "missed 0", "missed 1", "missed 2"]
     for page in (page_a, page_b):
         bodies = message_bodies(page)
