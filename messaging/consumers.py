@@ -35,7 +35,7 @@ from chatapp import metrics
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
 from messaging import realtime, services, wire
-from messaging.hub import Hub, hub, stop_if_cancelled
+from messaging.hub import Hub, hub
 from messaging.realtime import db
 from threads import policy
 from threads.selectors import thread_get_for_member, thread_member_ids
@@ -409,7 +409,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ServiceError as exc:
             await self.send_frame({"type": "error", "id": request_id, "error": exc.as_dict()})
         except Exception:
-            stop_if_cancelled()
+            realtime.stop_if_cancelled()
             logger.exception("socket frame failed")
             error = {"code": "server_error", "message": "Something went wrong on our side."}
             await self.send_frame({"type": "error", "id": request_id, "error": error})

@@ -121,7 +121,7 @@ class Hub:
             try:
                 message = await self.layer.receive(self.channel)
             except Exception:
-                stop_if_cancelled()
+                realtime.stop_if_cancelled()
                 if realtime.health.up:
                     logger.warning("channel layer receive failed; retrying", exc_info=True)
                 realtime.health.report_failure()
@@ -178,18 +178,6 @@ class Hub:
             await self.rejoin()
         except Exception:
             logger.warning("periodic group re-join failed", exc_info=True)
-
-
-def stop_if_cancelled() -> None:
-    """Raise CancelledError if this task was asked to stop while an exception was being handled.
-
-    redis-py's read timeout can turn a cancellation into ``redis.TimeoutError`` (the cancel arrives
-    as its own deadline fires); a retry loop that catches it would then never end, and a process
-    shutting down (or a test's event loop closing) would wait on it for ever.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

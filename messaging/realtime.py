@@ -69,6 +69,18 @@ def presence_ttl_seconds() -> float:
     return 2 * heartbeat_seconds() + 5
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop while an exception was being handled.
+
+    redis-py's read timeout can turn a cancellation into ``redis.TimeoutError`` (the cancel arrives
+    as its own deadline fires); a retry loop that catches it would then never end, and a process
+    shutting down (or a test's event loop closing) would wait on it for ever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """Run ORM code off the event loop, closing the connection afterwards (channels' database_sync_to_async).
 
@@ -405,8 +417,6 @@ class Health:
         self.up = False
 
     async def _run(self) -> None:
-        from messaging.hub import stop_if_cancelled
-
         while self.listeners:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
             await self.check()
@@ -523,8 +533,6 @@ class Beats:
         return [c for c in list(live) if c.hub.loop is loop and c.counted and not c.closing]
 
     async def _run(self) -> None:
-        from messaging.hub import stop_if_cancelled
-
         while self._sockets():
             await asyncio.sleep(min(heartbeat_seconds(), idle_timeout_seconds() / 4))
             try:
