@@ -20,6 +20,54 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+class CpuBudget:
+    """A cgroup that holds the processes put in it to ``cpus`` CPUs in all (a CFS quota, as a
+    container's CPU limit does), so that one server's share of the machine is fixed however busy the
+    rest of it is. cgroup v1 (``cpu`` controller) or v2 (``cpu.max``); raises ``OSError`` where
+    neither can be written (not root, or no CPU controller).
+
+    The period is short (10 ms) so a process that spends its quota early waits milliseconds, not a
+    tenth of a second, before it runs again.
+    """
+
+    PERIOD_US = 10_000
+
+    def __init__(self, name: str, cpus: float) -> None:
+        self.cpus = cpus
+        quota = max(1000, int(cpus * self.PERIOD_US))
+        v1 = Path("/sys/fs/cgroup/cpu")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.path = v1 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            v2 = Path("/sys/fs/cgroup")
+            if "cpu" not in (v2 / "cgroup.controllers").read_text().split():
+                raise OSError("no cgroup CPU controller on this machine")
+            (v2 / "cgroup.subtree_control").write_text("+cpu")
+            self.path = v2 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        """Delete the cgroup (its processes must have exited)."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 def listening_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,6 +91,7 @@ class ServerProcess:
         self.env = dict(env or {})
         self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-{self.port}-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
+        self.budget: CpuBudget | None = None
 
     @classmethod
     def daphne(cls, app: str = "chatapp.asgi:application", *, env: Mapping[str, str] | None = None) -> ServerProcess:
@@ -62,6 +111,11 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def limit_cpu(self, cpus: float) -> ServerProcess:
+        """Hold this server to ``cpus`` CPUs (a cgroup of its own), from its start; see ``CpuBudget``."""
+        self.budget = CpuBudget(f"chatapp-bench-{os.getpid()}-{self.port}", cpus)
+        return self
+
     def start(self, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(extra_env or {})}
         self.proc = subprocess.Popen(
@@ -73,6 +127,8 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.budget is not None:
+            self.budget.add(self.proc.pid)  # before Python has started a thread: they all inherit it
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -123,6 +179,8 @@ class ServerProcess:
 
     def close(self) -> None:
         self.kill()
+        if self.budget is not None:
+            self.budget.remove()
         self.sock.close()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
