@@ -11,7 +11,7 @@ Scenarios (docs/benchmarks.md):
    memory per connection, database queries per connect (the app), against both baselines.
 3. Scale-out: scenario 1 with the members spread over two app processes, against one.
 
-Everything runs on 127.0.0.1; every loop is bounded; a full run takes about 6-10 minutes.
+Everything runs on 127.0.0.1; every loop is bounded; a full run takes about 20-25 minutes.
 """
 
 from __future__ import annotations
