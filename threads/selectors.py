@@ -13,6 +13,7 @@ from django.db.models.functions import Coalesce
 from accounts.models import User
 from chatapp.cache import cached_many
 from chatapp.errors import InvalidInput, NotFound
+from chatapp.prepared import PreparedQuery
 from threads import policy
 from threads.models import Thread, ThreadKind, ThreadParticipant, ThreadRole
 
@@ -26,20 +27,30 @@ class ThreadAccess:
     role: ThreadRole
 
 
+# A participant with their (not deleted) thread: run on every request, frame and send, so its SQL is
+# compiled once per database instead of on every call (chatapp/prepared.py).
+_membership = PreparedQuery(
+    lambda thread_id, user_id: ThreadParticipant.objects.select_related("thread").filter(
+        thread_id=thread_id, user_id=user_id, thread__deleted_at__isnull=True
+    ),
+    "thread_id",
+    "user_id",
+)
+_MAX_ID = 2**63 - 1
+
+
 def thread_get_for_member(*, thread_id: int, user: User, action: policy.Action = policy.Action.VIEW) -> ThreadAccess:
     """The thread if ``user`` may do ``action`` in it; NotFound if it is invisible to them, Forbidden if not allowed."""
     if not policy.is_usable(user):
         raise NotFound("Thread not found.")
     try:
-        # One query for the usual case (a participant); the thread alone for system roles. (get,
-        # not first: the pair is unique, and first's ORDER BY costs a compile on every send.)
-        participant: ThreadParticipant | None = ThreadParticipant.objects.select_related("thread").get(
-            thread_id=thread_id, user=user, thread__deleted_at__isnull=True
-        )
-    except ThreadParticipant.DoesNotExist:
-        participant = None
+        thread_id = int(thread_id)  # what the ORM's integer lookup would take (the SQL is prepared)
     except (ValueError, TypeError):
         raise NotFound("Thread not found.") from None
+    if not 0 < thread_id <= _MAX_ID:
+        raise NotFound("Thread not found.")
+    # One query for the usual case (a participant); the thread alone for system roles.
+    participant = _membership.first(thread_id=thread_id, user_id=user.pk)
     if participant is not None:
         thread = participant.thread
         participant.user = user
