@@ -242,6 +242,66 @@ def test_notifications_for_mentions_and_direct_messages_only_while_hidden(
     assert page.js_errors == []
 
 
+def test_the_bell_counts_each_notification_once_across_loads_and_reconnects(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """The bell's count comes from the server at every (re)connect and from live frames between:
+    one that arrives while the count is being fetched is counted once, whether or not the fetched
+    count has it, and one sent while the socket was down is counted after it reconnects."""
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    group, _ = off_loop(thread_create, creator=alice, title="Bell", participant_ids=[bob.pk])
+
+    def mention(n: int) -> None:
+        off_loop(message_send, sender=alice, thread_id=group.pk, body=f"@bob ping {n}", client_msg_id=f"bell-{n}")
+
+    def badge() -> str:
+        return str(page.evaluate("(n => (n.hidden ? '' : n.textContent))(document.getElementById('notif-count'))"))
+
+    def wait_badge(count: int) -> None:
+        try:
+            page.wait_for_selector(f"#notif-count:not([hidden]):text-is('{count}')")
+        except Exception as exc:
+            raise AssertionError(f"the bell shows {badge()!r}, not {count}") from exc
+
+    mention(0)  # unread before the page loads
+    page = open_chat(browser, live_daphne, bob)
+    wait_connected(page)
+    wait_badge(1)
+
+    # Reload with the count request held: the server's answer is taken before the next mention
+    # exists, and reaches the page only after that mention's live frame has.
+    held: list[tuple[Any, Any]] = []
+    pattern = "**/api/v1/notifications?unread=1&limit=1"
+    page.context.route(pattern, lambda route: held.append((route, route.fetch())))
+    page.reload()
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the page did not fetch the count"
+    mention(1)
+    wait_badge(1)  # the live frame, while the count is on its way
+    route, response = held[0]
+    route.fulfill(response=response)  # counts only mention 0
+    wait_badge(2)
+    page.context.unroute(pattern)
+    mention(2)
+    wait_badge(3)
+
+    # Down while a mention is sent: it is not replayed on the socket, the count on reconnect has it.
+    page.context.set_offline(True)
+    page.evaluate("window.chatapp.socket.ws.close()")
+    page.wait_for_function("() => !window.chatapp.socket.connected")
+    mention(3)
+    page.context.set_offline(False)
+    wait_connected(page)
+    wait_badge(4)
+    page.wait_for_timeout(500)
+    assert badge() == "4"  # and never counted twice
+    assert page.js_errors == []
+
+
 def test_offline_shell_and_outbox_send_each_message_once(
     browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
 ) -> None:

@@ -33,6 +33,11 @@
     threadsLoaded: false, // false until the thread list has loaded once (it fails offline without a cached copy)
     openedOffline: null, // id of the thread opened without its detail (offline, nothing cached): loads on reconnect
     editing: null, // {id, version, draft} while a message is being edited
+    // The bell's count: the server's unread count plus live notifications it had not counted. The
+    // count is fetched at every (re)connect (notifications missed while offline are not replayed);
+    // a live one that arrives while that request is in flight may or may not be in it, so the
+    // newest id the server counted decides (ids grow with time).
+    notes: { counted: null, early: [] }, // counted: newest id in the server's count (null: fetching)
   };
 
   // ---------------------------------------------------------------- utilities
@@ -943,11 +948,32 @@
     if (state.detail) renderHeader();
   }
 
+  function setNotificationCount(value) {
+    const count = $("notif-count");
+    count.hidden = value <= 0;
+    count.textContent = String(Math.max(0, value));
+  }
+
+  async function refreshNotificationCount() {
+    const notes = (state.notes = { counted: null, early: [] });
+    try {
+      const unread = await api("GET", "/notifications?unread=1&limit=1");
+      if (state.notes !== notes) return; // a newer refresh (a reconnect) owns the count
+      const newest = unread.notifications.length ? unread.notifications[0].id : 0;
+      const uncounted = notes.early.filter((id) => id > newest).length;
+      state.notes = { counted: newest, early: [] };
+      setNotificationCount(unread.unread_count + uncounted);
+    } catch {
+      if (state.notes === notes) state.notes = { counted: 0, early: [] }; // offline: live ones still count
+    }
+  }
+
   function onNotification(frame) {
     const data = frame.data || frame;
-    const count = $("notif-count");
-    count.hidden = false;
-    count.textContent = String((parseInt(count.textContent, 10) || 0) + 1);
+    if (state.notes.counted === null) state.notes.early.push(data.id);
+    if (state.notes.counted === null || data.id > state.notes.counted) {
+      setNotificationCount((parseInt($("notif-count").textContent, 10) || 0) + 1);
+    }
     const thread = state.threads.get(data.thread_id);
     if (document.hidden && "Notification" in window && Notification.permission === "granted") {
       const title = data.kind === "MENTION" ? "You were mentioned" : data.kind === "REPLY" ? "New reply" : "New direct message";
@@ -1359,8 +1385,7 @@
     $("notif-btn").addEventListener("click", async () => {
       if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
       const data = await api("GET", "/notifications?unread=1");
-      $("notif-count").hidden = true;
-      $("notif-count").textContent = "0";
+      setNotificationCount(0);
       if (data.notifications.length) {
         const first = data.notifications[0];
         await api("POST", "/notifications/read", {});
@@ -1421,6 +1446,7 @@
     banner("");
     document.body.classList.remove("offline");
     subscribeAll();
+    refreshNotificationCount();
     if (!state.threadsLoaded) loadThreads().catch(() => {});
     if (state.current && state.openedOffline === state.current) openThread(state.current);
     await flushOutbox();
@@ -1474,12 +1500,6 @@
       if (navigator.onLine === false || !(error instanceof ApiError)) banner(OFFLINE_TEXT, "warn");
       else banner("Could not load conversations: " + error.message, "error");
     }
-    api("GET", "/notifications?unread=1&limit=1").then((unread) => {
-      if (unread.unread_count) {
-        $("notif-count").hidden = false;
-        $("notif-count").textContent = String(unread.unread_count);
-      }
-    }).catch(() => {});
     socket.connect();
     const match = location.hash.match(/^#thread-(\d+)$/);
     if (match) openThread(Number(match[1]));
