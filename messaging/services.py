@@ -191,18 +191,16 @@ def _own_message_read(*, thread_id: int, user_id: int, seq: int) -> None:
 def _notification_kinds(*, message: Message, thread: Thread) -> dict[int, str]:
     """Who hears of a new message: mentions, replies to someone, direct messages (by user id)."""
     kinds: dict[int, str] = {}
+    parent, names = message.reply_to, mentioned_usernames(message.body)
+    replied = parent is not None and parent.sender_id != message.sender_id
+    if thread.kind != ThreadKind.DIRECT and not replied and not names:
+        return kinds  # the usual message: no query built (building one costs more than running it)
     participants = ThreadParticipant.objects.filter(thread_id=thread.pk).exclude(user_id=message.sender_id)
     if thread.kind == ThreadKind.DIRECT:
         for uid in participants.filter(muted=False).values_list("user_id", flat=True):
             kinds[uid] = NotificationKind.DIRECT
-    parent = message.reply_to
-    if (
-        parent is not None
-        and parent.sender_id != message.sender_id
-        and participants.filter(user_id=parent.sender_id).exists()
-    ):
+    if replied and parent is not None and participants.filter(user_id=parent.sender_id).exists():
         kinds[parent.sender_id] = NotificationKind.REPLY
-    names = mentioned_usernames(message.body)
     if names:
         for uid in participants.filter(user__username__in=names).values_list("user_id", flat=True):
             kinds[uid] = NotificationKind.MENTION
