@@ -32,6 +32,39 @@ from threads.services import participant_change_role, thread_create
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
+class HeldRequests:
+    """Requests matching ``pattern`` are answered by the server at once (as it stands then) but
+    handed to the page only on ``release()``; later ones go straight through.
+
+    Once the service worker controls the page, the page's request and the worker's own fetch are
+    both routed: every held one is released, or the page would wait on the one never answered.
+    """
+
+    def __init__(self, page: Any, pattern: str) -> None:
+        self.page, self.pattern = page, pattern
+        self.held: list[tuple[Any, Any]] = []
+        self.released = False
+        page.context.route(pattern, self._hold)
+
+    def _hold(self, route: Any) -> None:
+        if self.released:
+            route.continue_()
+        else:
+            self.held.append((route, route.fetch()))
+
+    def wait(self, what: str) -> None:
+        deadline = time.monotonic() + TIMEOUT / 1000
+        while not self.held and time.monotonic() < deadline:
+            self.page.wait_for_timeout(50)
+        assert self.held, f"the page did not request {what}"
+
+    def release(self) -> None:
+        self.released = True
+        for route, response in self.held:
+            route.fulfill(response=response)
+        self.page.context.unroute(self.pattern)
+
+
 def open_thread(page: Any, thread_id: int) -> None:
     page.click(f'.thread-item[data-thread-id="{thread_id}"]')
     page.wait_for_selector("#thread-view:not([hidden])")
@@ -272,20 +305,13 @@ def test_the_bell_counts_each_notification_once_across_loads_and_reconnects(
 
     # Reload with the count request held: the server's answer is taken before the next mention
     # exists, and reaches the page only after that mention's live frame has.
-    held: list[tuple[Any, Any]] = []
-    pattern = "**/api/v1/notifications?unread=1&limit=1"
-    page.context.route(pattern, lambda route: held.append((route, route.fetch())))
+    count = HeldRequests(page, "**/api/v1/notifications?unread=1&limit=1")
     page.reload()
-    deadline = time.monotonic() + TIMEOUT / 1000
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(50)
-    assert held, "the page did not fetch the count"
+    count.wait("the count")
     mention(1)
     wait_badge(1)  # the live frame, while the count is on its way
-    route, response = held[0]
-    route.fulfill(response=response)  # counts only mention 0
+    count.release()  # its answer counts only mention 0
     wait_badge(2)
-    page.context.unroute(pattern)
     mention(2)
     wait_badge(3)
 
@@ -757,23 +783,36 @@ def test_a_message_arriving_while_the_history_loads_is_kept(
 
     # Hold the history response: read it from the server now (before the new message), hand it
     # to the page only after the new message has arrived on the socket.
-    held: list[tuple[Any, Any]] = []
-
-    def hold(route: Any) -> None:
-        held.append((route, route.fetch()))
-
-    page.context.route(f"**/api/v1/threads/{thread.pk}/messages*", hold)
+    history = HeldRequests(page, f"**/api/v1/threads/{thread.pk}/messages*")
     page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(50)
-    assert held, "the history request was not made"
+    history.wait("the history")
     off_loop(message_send, sender=alice, thread_id=thread.pk, body="arrived during the load", client_msg_id="race-1")
     page.wait_for_selector("#messages .message .body:has-text('arrived during the load')")
-    route, response = held[0]
-    route.fulfill(response=response)
+    history.release()
     page.wait_for_selector("#messages .message .body:has-text('earlier')")
     page.wait_for_timeout(300)
     assert visible_bodies(page) == ["earlier", "arrived during the load"]
-    page.context.unroute(f"**/api/v1/threads/{thread.pk}/messages*")
+    assert page.js_errors == []
+
+
+def test_mention_completion_waits_for_the_members(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """ "@bo" typed before the thread's members have loaded is completed once they have."""
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Quick", participant_ids=[bob.pk])
+    page = open_chat(browser, live_daphne, alice)
+    wait_connected(page)
+    detail = HeldRequests(page, f"**/api/v1/threads/{thread.pk}")
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    detail.wait("the thread's members")
+    page.click("#input")
+    page.keyboard.type("hi @bo")
+    page.wait_for_timeout(300)
+    assert page.locator("#mention-list").is_hidden()  # nobody to offer yet
+    detail.release()
+    page.wait_for_selector("#mention-list:not([hidden]) li:has-text('@bob')")
+    page.keyboard.press("Enter")
+    assert page.input_value("#input") == "hi @bob "
     assert page.js_errors == []

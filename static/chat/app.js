@@ -362,6 +362,7 @@
       state.lastSeq.set(threadId, page.last_sequence);
     }
     renderHeader();
+    if (mentionQuery !== null) checkMention(); // typed "@…" before the members had loaded
     renderMessages({ stick: !aroundSeq });
     if (aroundSeq) {
       const target = document.querySelector('[data-seq="' + aroundSeq + '"]');
@@ -1071,7 +1072,8 @@
     mentionQuery = match[1];
     clearTimeout(mentionTimer);
     mentionTimer = setTimeout(async () => {
-      const members = state.detail ? state.detail.participants.map((p) => p.user).filter((u) => u.id !== me.id) : [];
+      const detail = state.detail && state.detail.id === state.current ? state.detail : null;
+      const members = detail ? detail.participants.map((p) => p.user).filter((u) => u.id !== me.id) : [];
       const q = mentionQuery.toLowerCase();
       const found = members.filter((u) => u.username.toLowerCase().startsWith(q) || u.name.toLowerCase().startsWith(q)).slice(0, 8);
       const list = $("mention-list");
