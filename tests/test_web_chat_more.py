@@ -795,18 +795,23 @@ def test_a_message_arriving_while_the_history_loads_is_kept(
     assert page.js_errors == []
 
 
-def test_mention_completion_waits_for_the_members(
+def test_what_needs_the_members_waits_for_them(
     browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
 ) -> None:
-    """ "@bo" typed before the thread's members have loaded is completed once they have."""
+    """While a thread's members are loading, "@bo" offers nobody and the Members button is not
+    there (it used to do nothing, or show the previous thread's members); once they have loaded,
+    the completion offers them and the button opens them."""
     needs("postgres")
-    alice, bob = make_user("alice"), make_user("bob")
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    first, _ = off_loop(thread_create, creator=alice, title="First", participant_ids=[carol.pk])
     thread, _ = off_loop(thread_create, creator=alice, title="Quick", participant_ids=[bob.pk])
     page = open_chat(browser, live_daphne, alice)
-    wait_connected(page)
+    open_thread(page, first.pk)
+    page.wait_for_selector("#members-btn:not([hidden])")
     detail = HeldRequests(page, f"**/api/v1/threads/{thread.pk}")
     page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
     detail.wait("the thread's members")
+    assert page.locator("#members-btn").is_hidden()
     page.click("#input")
     page.keyboard.type("hi @bo")
     page.wait_for_timeout(300)
@@ -815,4 +820,7 @@ def test_mention_completion_waits_for_the_members(
     page.wait_for_selector("#mention-list:not([hidden]) li:has-text('@bob')")
     page.keyboard.press("Enter")
     assert page.input_value("#input") == "hi @bob "
+    page.click("#members-btn")
+    page.wait_for_selector("#members-dialog[open] #members-list li:has-text('Bob')")
+    assert page.locator("#members-list li").count() == 2  # alice and bob, not the first thread's carol
     assert page.js_errors == []

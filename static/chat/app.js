@@ -321,6 +321,7 @@
     if (location.hash !== "#thread-" + threadId) history.replaceState(null, "", "#thread-" + threadId);
     state.replyTo = null;
     $("reply-preview").hidden = true;
+    $("members-btn").hidden = true; // until this thread's members have loaded (renderHeader)
     $("empty-state").hidden = true;
     $("thread-view").hidden = false;
     document.body.classList.remove("show-sidebar");
@@ -1350,6 +1351,7 @@
     });
     peoplePicker("mb-people", "mb-results", (u) => memberAction(() => api("POST", "/threads/" + state.current + "/participants", { user_id: u.id })));
     $("members-btn").addEventListener("click", () => {
+      if (!state.detail || state.detail.id !== state.current) return;
       renderMembers();
       $("mb-error").textContent = "";
       $("members-dialog").showModal();
