@@ -65,6 +65,39 @@ class HeldRequests:
         self.page.context.unroute(self.pattern)
 
 
+def wait_until(page: Any, script: str, arg: Any = None, *, what: str) -> Any:
+    """Evaluate ``script`` until it returns something truthy, and return that.
+
+    For async scripts (the Cache API): ``page.wait_for_function`` does not await a returned promise,
+    and a promise is truthy, so it would return at once; ``page.evaluate`` awaits it.
+    """
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while True:
+        value = page.evaluate(script, arg)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        page.wait_for_timeout(100)
+
+
+# The pathnames the service worker has kept (the shell and the data).
+KEPT_PATHS = """async () => {
+  const paths = [];
+  for (const name of await caches.keys()) {
+    for (const request of await (await caches.open(name)).keys()) paths.push(new URL(request.url).pathname);
+  }
+  return paths;
+}"""
+
+
+def wait_kept_offline(page: Any, *paths: str) -> None:
+    script = (
+        f"async (wanted) => {{ const kept = await ({KEPT_PATHS})(); return wanted.every((p) => kept.includes(p)); }}"
+    )
+    wait_until(page, script, list(paths), what=f"{', '.join(paths)} kept offline")
+
+
 def open_thread(page: Any, thread_id: int) -> None:
     page.click(f'.thread-item[data-thread-id="{thread_id}"]')
     page.wait_for_selector("#thread-view:not([hidden])")
@@ -342,13 +375,8 @@ def test_offline_shell_and_outbox_send_each_message_once(
         open_thread(page, thread.pk)
     page_a.wait_for_function("() => navigator.serviceWorker.controller !== null")
     # The worker keeps the shell and, read again through it, the list and the open thread.
-    page_a.wait_for_function(
-        """async (threadId) => {
-          const data = await caches.open('chatapp-data-v1');
-          const paths = (await data.keys()).map((r) => new URL(r.url).pathname);
-          return await caches.match('/') !== undefined && paths.includes(`/api/v1/threads/${threadId}/messages`);
-        }""",
-        arg=thread.pk,
+    wait_kept_offline(
+        page_a, "/", "/api/v1/threads", f"/api/v1/threads/{thread.pk}", f"/api/v1/threads/{thread.pk}/messages"
     )
 
     page_a.context.set_offline(True)
@@ -387,6 +415,47 @@ def test_offline_shell_and_outbox_send_each_message_once(
     shot(page_b, "more-offline-delivered")
     assert page_a.js_errors == []
     assert page_b.js_errors == []
+
+
+def test_offline_with_only_the_messages_kept_still_shows_them(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """The worker keeps a thread's details and its last page separately; offline with only the
+    page, the thread shows its messages (and loads in full when the connection is back)."""
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Half kept", participant_ids=[bob.pk])
+    off_loop(message_send, sender=bob, thread_id=thread.pk, body="bring the map", client_msg_id="h1")
+    page = open_chat(browser, live_daphne, alice)
+    open_thread(page, thread.pk)
+    page.wait_for_function("() => navigator.serviceWorker.controller !== null")
+    details, messages = f"/api/v1/threads/{thread.pk}", f"/api/v1/threads/{thread.pk}/messages"
+    wait_kept_offline(page, details, messages)
+    # Forget the details: only the last page is left.
+    page.evaluate(
+        """async (path) => {
+          const data = await caches.open('chatapp-data-v1');
+          for (const key of await data.keys()) if (new URL(key.url).pathname === path) await data.delete(key);
+        }""",
+        details,
+    )
+    kept = page.evaluate(KEPT_PATHS)
+    assert messages in kept
+    assert details not in kept
+    page.context.set_offline(True)
+    page.reload()
+    page.wait_for_selector("#thread-view:not([hidden]) #messages .message .body:has-text('bring the map')")
+    assert page.inner_text("#thread-sub") == "Offline"
+    assert page.inner_text("#thread-title") == "Half kept"  # from the kept thread list
+    assert page.locator("#members-btn").is_hidden()
+
+    page.context.set_offline(False)
+    wait_connected(page)
+    page.wait_for_selector("#thread-sub:has-text('2 members')")
+    page.wait_for_selector("#members-btn:not([hidden])")
+    assert visible_bodies(page) == ["bring the map"]
+    assert page.js_errors == []
 
 
 def seed_history(*, senders: list[User], thread_id: int, count: int) -> None:
@@ -613,7 +682,7 @@ def test_sign_in_and_sign_out(browser: Any, live_daphne: LiveServer, make_user: 
     assert page.url.rstrip("/") == live_daphne.url
     page.wait_for_function("() => window.chatapp && window.chatapp.socket.connected")
     offline_copies = "async () => [await caches.has('chatapp-data-v1'), (await caches.match('/')) !== undefined]"
-    page.wait_for_function(f"async () => (await ({offline_copies})()).every(Boolean)")
+    wait_until(page, f"async () => (await ({offline_copies})()).every(Boolean)", what="the offline copies")
     shot(page, "more-signed-in")
 
     page.click("form.signout button")

@@ -326,42 +326,44 @@
     $("thread-view").hidden = false;
     document.body.classList.remove("show-sidebar");
     renderThreadList();
-    let detail;
-    let page;
-    try {
-      [detail, page] = await Promise.all(threadPaths(threadId, aroundSeq).map((path) => api("GET", path)));
-    } catch (error) {
-      if (state.current !== threadId) return;
-      if (!(error instanceof ApiError)) {
-        // No network and no offline copy: keep the thread open to write in (the outbox sends later);
-        // it loads when the socket is back.
-        state.detail = null;
-        state.openedOffline = threadId;
-        const summary = state.threads.get(threadId);
-        $("thread-title").textContent = summary ? threadName(summary) : "Conversation";
-        $("thread-sub").textContent = "Offline";
-        $("members-btn").hidden = true;
-        renderMessages({ stick: true });
-        return;
-      }
+    // Each half stands alone offline: the service worker may have kept one without the other.
+    const [detailResult, pageResult] = await Promise.allSettled(threadPaths(threadId, aroundSeq).map((path) => api("GET", path)));
+    if (state.current !== threadId) return;
+    const refused = [detailResult, pageResult].find((r) => r.status === "rejected" && r.reason instanceof ApiError);
+    if (refused) {
+      const error = refused.reason;
       dropThread(threadId, error.status === 404 ? "That conversation does not exist or you are not in it." : error.message);
       return;
     }
-    if (state.current !== threadId) return;
+    const page = pageResult.status === "fulfilled" ? pageResult.value : null;
+    if (page) {
+      const store = threadMessages(threadId);
+      // The socket is subscribed to every thread: messages may have arrived while this page was on
+      // its way. Those newer than the page (it was read before they were stored) are kept.
+      const arrived = aroundSeq ? [] : [...store.values()].filter((m) => m.seq > page.last_sequence);
+      store.clear();
+      for (const message of page.messages) store.set(message.seq, message);
+      for (const message of arrived) if (!store.has(message.seq)) store.set(message.seq, message);
+      state.oldestReached.set(threadId, page.oldest_reached);
+      if (!state.lastSeq.has(threadId) || state.lastSeq.get(threadId) < page.last_sequence) {
+        state.lastSeq.set(threadId, page.last_sequence);
+      }
+    }
+    if (detailResult.status === "rejected" || !page) {
+      // No network and no offline copy of all of it: keep the thread open to read what there is and
+      // to write in (the outbox sends later); it loads in full when the socket is back.
+      state.detail = null;
+      state.openedOffline = threadId;
+      const summary = state.threads.get(threadId);
+      $("thread-title").textContent = summary ? threadName(summary) : "Conversation";
+      $("thread-sub").textContent = "Offline";
+      renderMessages({ stick: true });
+      return;
+    }
+    const detail = detailResult.value;
     state.openedOffline = null;
     state.detail = detail;
     for (const p of detail.participants) state.presence.set(p.user.id, state.presence.get(p.user.id) || false);
-    const store = threadMessages(threadId);
-    // The socket is subscribed to every thread: messages may have arrived while this page was on
-    // its way. Those newer than the page (it was read before they were stored) are kept.
-    const arrived = aroundSeq ? [] : [...store.values()].filter((m) => m.seq > page.last_sequence);
-    store.clear();
-    for (const message of page.messages) store.set(message.seq, message);
-    for (const message of arrived) if (!store.has(message.seq)) store.set(message.seq, message);
-    state.oldestReached.set(threadId, page.oldest_reached);
-    if (!state.lastSeq.has(threadId) || state.lastSeq.get(threadId) < page.last_sequence) {
-      state.lastSeq.set(threadId, page.last_sequence);
-    }
     renderHeader();
     if (mentionQuery !== null) checkMention(); // typed "@…" before the members had loaded
     renderMessages({ stick: !aroundSeq });
