@@ -880,7 +880,12 @@ def test_what_needs_the_members_waits_for_them(
     detail = HeldRequests(page, f"**/api/v1/threads/{thread.pk}")
     page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
     detail.wait("the thread's members")
+    # Bob comes online meanwhile: the presence update must not bring back the first thread's header.
+    other = open_chat(browser, live_daphne, bob)
+    wait_connected(other)
+    page.wait_for_function(f"() => window.chatapp.state.presence.get({bob.pk}) === true")
     assert page.locator("#members-btn").is_hidden()
+    assert page.inner_text("#thread-title") == "Quick"  # from the list, while its details load
     page.click("#input")
     page.keyboard.type("hi @bo")
     page.wait_for_timeout(300)

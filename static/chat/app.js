@@ -321,7 +321,13 @@
     if (location.hash !== "#thread-" + threadId) history.replaceState(null, "", "#thread-" + threadId);
     state.replyTo = null;
     $("reply-preview").hidden = true;
-    $("members-btn").hidden = true; // until this thread's members have loaded (renderHeader)
+    // Until this thread's details have loaded, nothing may use the previous thread's (its members,
+    // my role there, its header): the Members button comes back in renderHeader.
+    if (state.detail && state.detail.id !== threadId) state.detail = null;
+    $("members-btn").hidden = true;
+    const summary = state.threads.get(threadId);
+    $("thread-title").textContent = summary ? threadName(summary) : "Conversation";
+    $("thread-sub").textContent = "";
     $("empty-state").hidden = true;
     $("thread-view").hidden = false;
     document.body.classList.remove("show-sidebar");
@@ -354,8 +360,6 @@
       // to write in (the outbox sends later); it loads in full when the socket is back.
       state.detail = null;
       state.openedOffline = threadId;
-      const summary = state.threads.get(threadId);
-      $("thread-title").textContent = summary ? threadName(summary) : "Conversation";
       $("thread-sub").textContent = "Offline";
       renderMessages({ stick: true });
       return;
@@ -392,6 +396,7 @@
 
   function renderHeader() {
     const detail = state.detail;
+    if (!detail || detail.id !== state.current) return;
     const summary = state.threads.get(detail.id);
     const other = detail.kind === "DIRECT" ? detail.participants.find((p) => p.user.id !== me.id) : null;
     $("thread-title").textContent = other ? other.user.name : detail.title || "Untitled conversation";
