@@ -34,7 +34,7 @@
     openedOffline: null, // id of the thread opened without its detail (offline, nothing cached): loads on reconnect
     editing: null, // {id, version, draft} while a message is being edited
     // The bell's count: the server's unread count plus live notifications it had not counted. The
-    // count is fetched at every (re)connect (notifications missed while offline are not replayed);
+    // count is fetched at every (re)connect, on "ready" (notifications missed offline are not replayed);
     // a live one that arrives while that request is in flight may or may not be in it, so the
     // newest id the server counted decides (ids grow with time).
     notes: { counted: null, early: [] }, // counted: newest id in the server's count (null: fetching)
@@ -1457,7 +1457,6 @@
     banner("");
     document.body.classList.remove("offline");
     subscribeAll();
-    refreshNotificationCount();
     if (!state.threadsLoaded) loadThreads().catch(() => {});
     if (state.current && state.openedOffline === state.current) openThread(state.current);
     await flushOutbox();
@@ -1496,7 +1495,9 @@
   });
   socket.on("pong", () => {});
   socket.on("ping", () => socket.send({ type: "pong" }, false).catch(() => {}));
-  socket.on("ready", () => {});
+  // The server sends "ready" once the socket receives the user's notices: from then on a
+  // notification either arrives live or is in the count fetched now (or both: see onNotification).
+  socket.on("ready", () => refreshNotificationCount());
 
   // ---------------------------------------------------------------- start
   async function start() {
