@@ -33,7 +33,6 @@ class CpuBudget:
     PERIOD_US = 10_000
 
     def __init__(self, name: str, cpus: float) -> None:
-        self.cpus = cpus
         quota = max(1000, int(cpus * self.PERIOD_US))
         v1 = Path("/sys/fs/cgroup/cpu")
         if (v1 / "cpu.cfs_quota_us").exists():

@@ -394,9 +394,14 @@
     return ["/threads/" + threadId, "/threads/" + threadId + "/messages?limit=50" + (aroundSeq ? "&around=" + aroundSeq : "")];
   }
 
+  // The open thread's details, once loaded (null while they load, offline, or with no thread open).
+  function currentDetail() {
+    return state.detail && state.detail.id === state.current ? state.detail : null;
+  }
+
   function renderHeader() {
-    const detail = state.detail;
-    if (!detail || detail.id !== state.current) return;
+    const detail = currentDetail();
+    if (!detail) return;
     const summary = state.threads.get(detail.id);
     const other = detail.kind === "DIRECT" ? detail.participants.find((p) => p.user.id !== me.id) : null;
     $("thread-title").textContent = other ? other.user.name : detail.title || "Untitled conversation";
@@ -1080,7 +1085,7 @@
     mentionQuery = match[1];
     clearTimeout(mentionTimer);
     mentionTimer = setTimeout(async () => {
-      const detail = state.detail && state.detail.id === state.current ? state.detail : null;
+      const detail = currentDetail();
       const members = detail ? detail.participants.map((p) => p.user).filter((u) => u.id !== me.id) : [];
       const q = mentionQuery.toLowerCase();
       const found = members.filter((u) => u.username.toLowerCase().startsWith(q) || u.name.toLowerCase().startsWith(q)).slice(0, 8);
@@ -1358,7 +1363,7 @@
     });
     peoplePicker("mb-people", "mb-results", (u) => memberAction(() => api("POST", "/threads/" + state.current + "/participants", { user_id: u.id })));
     $("members-btn").addEventListener("click", () => {
-      if (!state.detail || state.detail.id !== state.current) return;
+      if (!currentDetail()) return;
       renderMembers();
       $("mb-error").textContent = "";
       $("members-dialog").showModal();
