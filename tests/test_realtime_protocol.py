@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
@@ -24,6 +25,7 @@ from chatapp.broadcast import layer_message, thread_group
 from messaging import consumers, realtime, services
 from messaging.consumers import ChatConsumer
 from messaging.models import Message
+from tests.budgets import settle_send_window
 from tests.conftest import needs
 from threads.models import Thread, ThreadParticipant
 
@@ -222,6 +224,7 @@ async def test_service_errors_become_error_frames_with_the_request_id(
     alice: User, bob: User, carol: User, thread: Thread, settings: Any
 ) -> None:
     settings.CHAT_SENDS_PER_MINUTE = 2
+    await asyncio.sleep(await sync_to_async(settle_send_window)(alice))
     outsider = Socket(carol)
     await outsider.connect()
     reply = await outsider.request("message.send", thread_id=thread.pk, body="hi", client_msg_id="x-1")
@@ -527,7 +530,6 @@ async def test_a_revoked_clerk_session_closes_only_its_own_sockets(alice: User) 
 
 @pytest.mark.smoke
 async def test_signing_out_closes_the_sockets_of_that_session_only(alice: User) -> None:
-    from asgiref.sync import sync_to_async
     from django.test import Client
 
     browsers = [Client(), Client()]

@@ -24,6 +24,7 @@ from attachments.models import Attachment, ScanStatus
 from messaging.models import Message
 from messaging.services import message_send
 from tests.browser import LiveServer
+from tests.budgets import clear_send_budgets, settle_send_window
 from tests.conftest import needs
 from tests.test_web_chat import TIMEOUT, off_loop, open_chat, shot, wait_connected
 from threads.models import ThreadKind, ThreadParticipant
@@ -697,28 +698,15 @@ def test_sign_in_and_sign_out(browser: Any, live_daphne: LiveServer, make_user: 
     context.close()
 
 
-def clear_send_budgets() -> None:
-    """Forget every send budget in the shared Redis cache (django-ratelimit's keys start with rl:)."""
-    from django.conf import settings
-    from django.core.cache import cache
-
-    client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
-    prefix = settings.CACHES["default"].get("KEY_PREFIX", "")
-    keys = list(client.scan_iter(match=f"{prefix}:*rl:*", count=1000))
-    if keys:
-        client.delete(*keys)
-
-
 def test_a_refused_send_shows_failed_and_retry_sends_it_once(
     browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
 ) -> None:
     needs("postgres")
     needs("redis")
     from django.conf import settings
-    from django_ratelimit.core import get_usage
 
     from chatapp.errors import RateLimited
-    from messaging.ratelimits import SEND_GROUP, _user_key, send_budget_consume
+    from messaging.ratelimits import send_budget_consume
 
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Busy", participant_ids=[bob.pk])
@@ -726,11 +714,7 @@ def test_a_refused_send_shows_failed_and_retry_sends_it_once(
     open_thread(page, thread.pk)
 
     # Spend alice's whole send budget (the server shares it through Redis), early in its window.
-    rate = f"{settings.CHAT_SENDS_PER_MINUTE}/m"
-    usage = get_usage(alice, group=SEND_GROUP, key=_user_key, rate=rate, increment=False)
-    assert usage is not None
-    if usage["time_left"] < 10:
-        page.wait_for_timeout((usage["time_left"] + 1) * 1000)
+    page.wait_for_timeout(settle_send_window(alice, margin=10) * 1000)
     with pytest.raises(RateLimited):
         for _ in range(settings.CHAT_SENDS_PER_MINUTE + 1):
             send_budget_consume(user=alice)
