@@ -9,25 +9,21 @@ from django.http import HttpRequest
 
 from accounts.models import AuditEntry, User, WebhookDelivery
 from accounts.services import user_deactivate, user_reactivate
-from chatapp.admin_base import PolicyAdmin, ReadOnlyAdmin
+from chatapp.admin_base import ReadOnlyAdmin
+from chatapp.errors import ServiceError
 
 
 @admin.register(User)
-class UserAdmin(PolicyAdmin, DjangoUserAdmin):  # type: ignore[misc]
+class UserAdmin(ReadOnlyAdmin, DjangoUserAdmin):  # type: ignore[misc]
+    """Accounts are shown, not edited: a profile belongs to its user (or to Clerk), roles change through
+    ``manage.py``/the service, and the password page is refused (ReadOnlyAdmin: no change permission).
+    Moderation is the two actions, which go through the account services and their policy check.
+    """
+
     list_display = ("username", "display_name", "email", "system_role", "is_active", "clerk_id", "last_seen_at")
     list_filter = ("system_role", "is_active", "is_staff")
     search_fields = ("username", "display_name", "email", "clerk_id")
     ordering = ("username",)
-    readonly_fields = (
-        "clerk_id",
-        "system_role",
-        "is_staff",
-        "is_superuser",
-        "last_login",
-        "date_joined",
-        "last_seen_at",
-        "deactivated_at",
-    )
     fieldsets = (
         (None, {"fields": ("username", "display_name", "email", "avatar_url", "clerk_id")}),
         ("Access", {"fields": ("system_role", "is_active", "is_staff", "is_superuser", "deactivated_at")}),
@@ -35,26 +31,23 @@ class UserAdmin(PolicyAdmin, DjangoUserAdmin):  # type: ignore[misc]
     )
     actions = ["deactivate_users", "reactivate_users"]
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        # Deactivation goes through the action (service + audit + socket close), not the checkbox.
-        return (*self.readonly_fields, "is_active")
+    def _run(self, request: HttpRequest, queryset: QuerySet[User], fn: Any, verb: str, **kwargs: Any) -> None:
+        done = 0
+        for user in queryset:
+            try:
+                fn(actor=request.user, user=user, **kwargs)
+                done += 1
+            except ServiceError as exc:
+                self.message_user(request, f"{user.username}: {exc.message}", messages.ERROR)
+        self.message_user(request, f"{verb} {done} user(s).")
 
     @admin.action(description="Deactivate selected users (sockets closed, messages kept)")
     def deactivate_users(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
-        count = 0
-        for user in queryset:
-            if user.pk == request.user.pk:
-                self.message_user(request, "You cannot deactivate yourself.", messages.WARNING)
-                continue
-            user_deactivate(actor=request.user, user=user, reason="admin")  # type: ignore[arg-type]
-            count += 1
-        self.message_user(request, f"Deactivated {count} user(s).")
+        self._run(request, queryset, user_deactivate, "Deactivated", reason="admin")
 
     @admin.action(description="Reactivate selected users")
     def reactivate_users(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
-        for user in queryset:
-            user_reactivate(actor=request.user, user=user)  # type: ignore[arg-type]
-        self.message_user(request, f"Reactivated {queryset.count()} user(s).")
+        self._run(request, queryset, user_reactivate, "Reactivated")
 
 
 @admin.register(AuditEntry)

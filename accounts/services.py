@@ -17,9 +17,48 @@ from accounts.clerk import REVOKED_SESSION_TTL, revoked_session_key
 from accounts.models import AuditEntry, SystemRole, User, WebhookDelivery
 from chatapp.broadcast import user_event_on_commit
 from chatapp.cache import invalidate_on_commit
-from chatapp.errors import Forbidden, InvalidInput
+from chatapp.errors import Conflict, Forbidden, InvalidInput
+from threads import policy
 
 PREFERENCES_MAX_KEYS = 50
+DISPLAY_NAME_MAX_LENGTH = 150
+AVATAR_URL_MAX_LENGTH = 500
+
+
+@transaction.atomic
+def user_create_local(
+    *, username: str, password: str, display_name: str = "", system_role: str = SystemRole.MEMBER
+) -> User:
+    """Create a user who signs in with a local password (the embedded default; Clerk users come by webhook)."""
+    if User.objects.filter(username=username).exists():
+        raise InvalidInput(fields={"username": ["This username is taken."]})
+    user = User.objects.create_user(username, password=password, display_name=display_name)
+    if system_role != SystemRole.MEMBER:
+        user_set_system_role(actor=None, user=user, role=system_role)
+    AuditEntry.record(actor=None, action="user.create", target=user)
+    return user
+
+
+def _check_display_name(value: str) -> str:
+    value = value.strip()
+    if len(value) > DISPLAY_NAME_MAX_LENGTH:
+        raise InvalidInput(fields={"display_name": [f"At most {DISPLAY_NAME_MAX_LENGTH} characters."]})
+    return value
+
+
+def _check_avatar_url(value: str) -> str:
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        if len(value) > AVATAR_URL_MAX_LENGTH:
+            raise ValidationError("too long")
+        _url_validator(value)
+    except ValidationError:
+        raise InvalidInput(
+            fields={"avatar_url": [f"An http(s) URL of at most {AVATAR_URL_MAX_LENGTH} characters."]}
+        ) from None
+    return value
 
 
 @transaction.atomic
@@ -33,10 +72,10 @@ def user_update_profile(
     """Change my own display name, avatar and preferences (never my role or staff flag)."""
     fields = []
     if display_name is not None:
-        user.display_name = display_name.strip()[:150]
+        user.display_name = _check_display_name(display_name)
         fields.append("display_name")
     if avatar_url is not None:
-        user.avatar_url = avatar_url
+        user.avatar_url = _check_avatar_url(avatar_url)
         fields.append("avatar_url")
     if preferences is not None:
         if not isinstance(preferences, dict) or len(preferences) > PREFERENCES_MAX_KEYS:
@@ -72,7 +111,11 @@ def user_deactivate(*, actor: User | None, user: User, anonymise: bool = False, 
     """Deactivate a user (their messages stay). ``anonymise`` also erases their identity (Clerk deletion).
 
     Broadcasts ``user.deactivated`` to the user's group after commit: their open sockets close.
+    ``actor`` None is the system itself (a Clerk deletion, a script); a person must be allowed by
+    the policy (staff, not themselves, an ADMIN never an OWNER).
     """
+    if actor is not None:
+        policy.check_manage_user(actor=actor, target=user)
     user.is_active = False
     user.deactivated_at = user.deactivated_at or timezone.now()
     fields = ["is_active", "deactivated_at"]
@@ -106,6 +149,11 @@ def user_deactivate(*, actor: User | None, user: User, anonymise: bool = False, 
 
 @transaction.atomic
 def user_reactivate(*, actor: User | None, user: User) -> User:
+    """Let a deactivated user sign in again; never one deleted in Clerk (their identity is erased)."""
+    if actor is not None:
+        policy.check_manage_user(actor=actor, target=user)
+    if user.clerk_updated_at == CLERK_DELETED_MARK:
+        raise Conflict("This account was deleted in Clerk and cannot be reactivated.", reason="deleted")
     user.is_active = True
     user.deactivated_at = None
     user.save(update_fields=["is_active", "deactivated_at"])

@@ -11,6 +11,7 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics
 from chatapp.api import ChatApiView, StrictSerializer, current_user, error_responses, int_param, parse
 from chatapp.errors import TooLarge
@@ -51,9 +52,11 @@ def _payload(message_id: int, user: Any) -> dict[str, Any]:
 class MessageListSendApi(ChatApiView):
     class InputSerializer(StrictSerializer):
         body = serializers.CharField(allow_blank=True, trim_whitespace=False, default="")
-        client_msg_id = serializers.CharField(max_length=64)
+        client_msg_id = serializers.CharField(max_length=services.CLIENT_MSG_ID_MAX_LENGTH)
         reply_to = serializers.IntegerField(min_value=1, required=False, allow_null=True)
-        attachment_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), max_length=10, default=list)
+        attachment_ids = serializers.ListField(
+            child=serializers.IntegerField(min_value=1), max_length=MAX_ATTACHMENTS_PER_MESSAGE, default=list
+        )
 
     @extend_schema(
         summary="Message history by sequence (keyset pagination)",
@@ -220,7 +223,7 @@ class MessageRepliesApi(ChatApiView):
 
 class ReactionApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        emoji = serializers.CharField(max_length=32)
+        emoji = serializers.CharField(max_length=services.MAX_EMOJI_LENGTH)
 
     @extend_schema(
         summary="React to a message (idempotent)",

@@ -31,6 +31,7 @@ from channels.utils import await_many_dispatch
 from django.conf import settings
 from rest_framework import serializers
 
+from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
@@ -101,9 +102,11 @@ class SubscribeFrame(ThreadFrame):
 
 class SendFrame(ThreadFrame):
     body = serializers.CharField(allow_blank=True, trim_whitespace=False, default="")
-    client_msg_id = serializers.CharField(max_length=64)
+    client_msg_id = serializers.CharField(max_length=services.CLIENT_MSG_ID_MAX_LENGTH)
     reply_to = serializers.IntegerField(min_value=1, required=False, allow_null=True)
-    attachment_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), max_length=10, default=list)
+    attachment_ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1), max_length=MAX_ATTACHMENTS_PER_MESSAGE, default=list
+    )
 
 
 class MessageFrame(Frame):
@@ -116,7 +119,7 @@ class EditFrame(MessageFrame):
 
 
 class ReactionFrame(MessageFrame):
-    emoji = serializers.CharField(max_length=32)
+    emoji = serializers.CharField(max_length=services.MAX_EMOJI_LENGTH)
 
 
 class MarkFrame(ThreadFrame):

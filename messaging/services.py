@@ -34,7 +34,8 @@ from threads import policy
 from threads.models import Thread, ThreadEvent, ThreadKind, ThreadParticipant
 from threads.selectors import thread_get_for_member
 
-CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CLIENT_MSG_ID_MAX_LENGTH = 64
+CLIENT_MSG_ID_RE = re.compile(rf"^[A-Za-z0-9_.:-]{{1,{CLIENT_MSG_ID_MAX_LENGTH}}}$")
 MAX_EMOJI_LENGTH = 32
 
 
@@ -117,7 +118,11 @@ def message_send(
     Raises NotFound (not a member), InvalidInput, TooLarge, RateLimited.
     """
     if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID_RE.match(client_msg_id):
-        raise InvalidInput(fields={"client_msg_id": ["1-64 characters of letters, digits, '_', '.', ':' or '-'."]})
+        raise InvalidInput(
+            fields={
+                "client_msg_id": [f"1-{CLIENT_MSG_ID_MAX_LENGTH} characters of letters, digits, '_', '.', ':' or '-'."]
+            }
+        )
     access = thread_get_for_member(thread_id=thread_id, user=sender, action=policy.Action.SEND)
     body = _check_body(body, allow_empty=bool(attachment_ids))
     # Everything that does not need the sequence happens before the thread's lock is taken: writers

@@ -566,3 +566,25 @@ def test_me_cannot_change_role_or_staff(api: Api, bob: User) -> None:
     bob.refresh_from_db()
     assert bob.system_role == "MEMBER"
     assert not bob.is_staff
+
+
+@pytest.mark.smoke
+def test_profile_rules_are_the_services(api: Api, bob: User) -> None:
+    """The length and URL rules hold for every caller: the REST view and a direct service call alike."""
+    from accounts.services import user_update_profile
+    from chatapp.errors import InvalidInput
+
+    for field, value in (("display_name", "x" * 151), ("avatar_url", "ftp://example.test/a.png"), ("avatar_url", "me")):
+        response = api(bob).patch("/api/v1/me", {field: value}, format="json")
+        assert response.status_code == 400, (field, value)
+        assert field in response.json()["error"]["fields"]
+        with pytest.raises(InvalidInput) as refused:
+            user_update_profile(user=bob, **{field: value})
+        assert refused.value.fields is not None
+        assert field in refused.value.fields
+    ok = api(bob).patch(
+        "/api/v1/me", {"avatar_url": " https://example.test/a.png ", "display_name": " Bo "}, format="json"
+    )
+    assert (ok.json()["avatar_url"], ok.json()["display_name"]) == ("https://example.test/a.png", "Bo")
+    bob.refresh_from_db()
+    assert bob.display_name == "Bo"

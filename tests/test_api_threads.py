@@ -69,6 +69,18 @@ def test_thread_create_validation(api: Api, alice: User, payload: dict[str, Any]
     assert not Thread.objects.exists()
 
 
+def test_thread_title_limit_is_the_services(alice: User, thread: Thread) -> None:
+    from chatapp.errors import InvalidInput
+    from threads.services import thread_create, thread_rename
+
+    with pytest.raises(InvalidInput) as refused:
+        thread_create(creator=alice, title="x" * 201)
+    assert refused.value.fields == {"title": ["At most 200 characters."]}
+    with pytest.raises(InvalidInput):
+        thread_rename(actor=alice, thread_id=thread.pk, title="y" * 201)
+    assert thread_rename(actor=alice, thread_id=thread.pk, title=" " + "z" * 200 + " ").title == "z" * 200
+
+
 def test_thread_list_unread_last_message_and_archived_apart(api: Api, alice: User, bob: User, thread: Thread) -> None:
     from messaging.services import message_send
 

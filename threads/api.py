@@ -50,10 +50,12 @@ def _detail(thread_id: int, user: Any) -> dict[str, Any]:
 
 class ThreadListCreateApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+        title = serializers.CharField(
+            max_length=services.MAX_TITLE_LENGTH, required=False, allow_blank=True, default=""
+        )
         kind = serializers.ChoiceField(choices=ThreadKind.choices, default=ThreadKind.GROUP)
         participant_ids = serializers.ListField(
-            child=serializers.IntegerField(min_value=1), max_length=500, default=list
+            child=serializers.IntegerField(min_value=1), max_length=services.MAX_INITIAL_PARTICIPANTS, default=list
         )
 
     @extend_schema(
@@ -125,7 +127,7 @@ class ThreadListCreateApi(ChatApiView):
 
 class ThreadDetailApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        title = serializers.CharField(max_length=200, allow_blank=True)
+        title = serializers.CharField(max_length=services.MAX_TITLE_LENGTH, allow_blank=True)
 
     @extend_schema(
         summary="Get a thread",

@@ -131,3 +131,13 @@ def check_not_last_owner(*, owners: int, target_role: str, new_role: str | None 
 def can_use_admin(user: User | None) -> bool:
     """Django admin access: active system OWNER/ADMIN (they are staff)."""
     return bool(user is not None and is_usable(user) and is_staff_role(user.system_role))
+
+
+def check_manage_user(*, actor: User, target: User) -> None:
+    """Deactivating or reactivating an account: staff only, never their own, and an ADMIN not an OWNER."""
+    if not can_use_admin(actor):
+        raise Forbidden("Only system owners and admins manage accounts.")
+    if actor.pk == target.pk:
+        raise Forbidden("You cannot deactivate or reactivate your own account.")
+    if target.system_role == SystemRole.OWNER and actor.system_role != SystemRole.OWNER:
+        raise Forbidden("Only a system owner can manage another owner's account.")

@@ -16,6 +16,7 @@ from threads.models import Thread, ThreadKind, ThreadParticipant, ThreadRole
 from threads.selectors import thread_get_for_member, thread_owner_count
 
 MAX_INITIAL_PARTICIPANTS = 500
+MAX_TITLE_LENGTH = 200
 
 
 def _active_users(user_ids: Iterable[int]) -> list[User]:
@@ -34,6 +35,13 @@ def direct_key_for(a: int, b: int) -> str:
     return f"{low}:{high}"
 
 
+def _check_title(title: str) -> str:
+    title = title.strip()
+    if len(title) > MAX_TITLE_LENGTH:
+        raise InvalidInput(fields={"title": [f"At most {MAX_TITLE_LENGTH} characters."]})
+    return title
+
+
 def thread_create(
     *, creator: User, title: str = "", participant_ids: Iterable[int] = (), kind: str = ThreadKind.GROUP
 ) -> tuple[Thread, bool]:
@@ -47,7 +55,7 @@ def thread_create(
     others = [u for u in _active_users(participant_ids) if u.pk != creator.pk]
     if len(others) > MAX_INITIAL_PARTICIPANTS:
         raise InvalidInput(fields={"participant_ids": [f"At most {MAX_INITIAL_PARTICIPANTS} participants."]})
-    title = title.strip()
+    title = _check_title(title)
     direct_key = None
     if kind == ThreadKind.DIRECT:
         if len(others) != 1:
@@ -95,7 +103,7 @@ def thread_rename(*, actor: User, thread_id: int, title: str) -> Thread:
     """Rename (last write wins). Broadcasts ``thread.updated``."""
     access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.RENAME)
     thread = access.thread
-    thread.title = title.strip()
+    thread.title = _check_title(title)
     thread.save(update_fields=["title", "updated_at"])
     invalidate_on_commit("thread", [thread.pk])
     thread_event_record(

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from accounts.models import SystemRole, User
-from accounts.services import user_set_system_role
+from accounts.services import user_create_local
 from messaging.services import message_send
 from threads.services import thread_create
 
@@ -23,9 +23,10 @@ class Command(BaseCommand):
             return
         passwords = {name: secrets.token_urlsafe(9) for name in ("alice", "bob")}
         with transaction.atomic():
-            alice = User.objects.create_user("alice", password=passwords["alice"], display_name="Alice")
-            bob = User.objects.create_user("bob", password=passwords["bob"], display_name="Bob")
-            user_set_system_role(actor=None, user=alice, role=SystemRole.OWNER)
+            alice = user_create_local(
+                username="alice", password=passwords["alice"], display_name="Alice", system_role=SystemRole.OWNER
+            )
+            bob = user_create_local(username="bob", password=passwords["bob"], display_name="Bob")
             thread, _ = thread_create(creator=alice, title="Welcome", participant_ids=[bob.pk])
         message_send(sender=alice, thread_id=thread.pk, body="Welcome to **chatapp**, @bob!", client_msg_id="seed-1")
         self.stdout.write(self.style.SUCCESS("Demo users created (shown once, keep them):"))
