@@ -6,7 +6,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.services import AVATAR_URL_MAX_LENGTH, DISPLAY_NAME_MAX_LENGTH, user_update_profile
-from chatapp.api import ChatApiView, StrictSerializer, error_responses, parse
+from chatapp.api import ChatApiView, StrictSerializer, TextField, error_responses, parse
 
 
 class MeOutputSerializer(serializers.Serializer):
@@ -28,9 +28,9 @@ class MeApi(ChatApiView):
     """My profile and preferences. The role and staff flag cannot be changed here."""
 
     class InputSerializer(StrictSerializer):
-        display_name = serializers.CharField(max_length=DISPLAY_NAME_MAX_LENGTH, required=False, allow_blank=True)
+        display_name = TextField(max_length=DISPLAY_NAME_MAX_LENGTH, required=False, allow_blank=True)
         # The URL rule (http or https) is the service's.
-        avatar_url = serializers.CharField(max_length=AVATAR_URL_MAX_LENGTH, required=False, allow_blank=True)
+        avatar_url = TextField(max_length=AVATAR_URL_MAX_LENGTH, required=False, allow_blank=True)
         preferences = serializers.DictField(required=False)
 
     @extend_schema(summary="My profile", responses={200: MeOutputSerializer, **error_responses()})

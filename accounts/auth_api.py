@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.services import user_token_issue, user_token_revoke
-from chatapp.api import StrictSerializer, current_user, error_responses, parse
+from chatapp.api import StrictSerializer, TextField, current_user, error_responses, parse
 from chatapp.errors import Unauthenticated
 from chatapp.ratelimit import _check as rate_check
 from chatapp.ratelimit import api_rate_check, client_ip
@@ -40,8 +40,8 @@ class TokenOutputSerializer(serializers.Serializer):
 
 class TokenApi(APIView):
     class InputSerializer(StrictSerializer):
-        username = serializers.CharField(max_length=150)
-        password = serializers.CharField(max_length=4096, trim_whitespace=False)
+        username = TextField(max_length=150)
+        password = TextField(max_length=4096, trim_whitespace=False)
 
     def get_authenticators(self) -> list[Any]:
         # Called by DRF before the request is wrapped: View.setup() has set the Django request

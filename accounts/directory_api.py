@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from accounts.events import user_brief
 from accounts.selectors import user_search
-from chatapp.api import ChatApiView, error_responses, int_param
+from chatapp.api import ChatApiView, error_responses, int_param, text_param
 
 
 class UserSearchApi(ChatApiView):
@@ -27,5 +27,5 @@ class UserSearchApi(ChatApiView):
     )
     def get(self, request: Request) -> Response:
         limit = min(int_param(request, "limit", default=20, minimum=1) or 20, 50)
-        users = user_search(query=request.query_params.get("q", ""), limit=limit, exclude_id=request.user.pk)
+        users = user_search(query=text_param(request, "q"), limit=limit, exclude_id=request.user.pk)
         return Response({"users": [user_brief(u) for u in users]})

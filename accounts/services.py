@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 from typing import Any
@@ -21,6 +22,7 @@ from chatapp.errors import Conflict, Forbidden, InvalidInput
 from threads import policy
 
 PREFERENCES_MAX_KEYS = 50
+PREFERENCES_MAX_BYTES = 16 * 1024
 DISPLAY_NAME_MAX_LENGTH = 150
 AVATAR_URL_MAX_LENGTH = 500
 
@@ -37,6 +39,32 @@ def user_create_local(
         user_set_system_role(actor=None, user=user, role=system_role)
     AuditEntry.record(actor=None, action="user.create", target=user)
     return user
+
+
+def _check_preferences(preferences: dict[str, Any]) -> dict[str, Any]:
+    """A small JSON object (the page's settings, merged): at most 50 keys and 16 KB, and no NUL
+    character, which PostgreSQL's jsonb cannot hold."""
+    if len(preferences) > PREFERENCES_MAX_KEYS:
+        raise InvalidInput(fields={"preferences": [f"An object with at most {PREFERENCES_MAX_KEYS} keys."]})
+    try:
+        encoded = json.dumps(preferences)
+    except (TypeError, ValueError, RecursionError):
+        raise InvalidInput(fields={"preferences": ["Must be plain JSON."]}) from None
+    if len(encoded) > PREFERENCES_MAX_BYTES:
+        raise InvalidInput(fields={"preferences": [f"At most {PREFERENCES_MAX_BYTES // 1024} KB."]})
+    if _has_nul(preferences):
+        raise InvalidInput(fields={"preferences": ["Must not contain NUL characters."]})
+    return preferences
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _check_display_name(value: str) -> str:
@@ -78,9 +106,9 @@ def user_update_profile(
         user.avatar_url = _check_avatar_url(avatar_url)
         fields.append("avatar_url")
     if preferences is not None:
-        if not isinstance(preferences, dict) or len(preferences) > PREFERENCES_MAX_KEYS:
-            raise InvalidInput(fields={"preferences": [f"An object with at most {PREFERENCES_MAX_KEYS} keys."]})
-        user.preferences = {**user.preferences, **preferences}
+        if not isinstance(preferences, dict):
+            raise InvalidInput(fields={"preferences": ["Must be an object."]})
+        user.preferences = _check_preferences({**user.preferences, **preferences})
         fields.append("preferences")
     if fields:
         user.save(update_fields=fields)

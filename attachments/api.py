@@ -27,7 +27,16 @@ from attachments import selectors, services, storage
 from attachments.events import upload_payload
 from attachments.models import Attachment, AttachmentKind, ScanStatus
 from attachments.validation import ALLOWED, check_upload_size, download_name
-from chatapp.api import ChatApiView, ErrorSerializer, StrictSerializer, current_user, error_responses, parse
+from chatapp.api import (
+    ChatApiView,
+    ErrorSerializer,
+    IntField,
+    StrictSerializer,
+    TextField,
+    current_user,
+    error_responses,
+    parse,
+)
 from chatapp.errors import NotFound
 
 # Room for the multipart boundaries and part headers around the file itself.
@@ -213,9 +222,9 @@ class AttachmentUploadApi(UploadView):
 
 class AttachmentUploadRequestApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        name = serializers.CharField(max_length=255)
-        size = serializers.IntegerField(min_value=1)
-        content_type = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+        name = TextField(max_length=255)
+        size = IntField(min_value=1)
+        content_type = TextField(max_length=100, required=False, allow_blank=True, default="")
 
     @extend_schema(
         summary="Start a direct upload: a presigned POST to storage for exactly `size` bytes, then call complete",

@@ -12,6 +12,32 @@ if TYPE_CHECKING:
     from accounts.models import User
 
 
+# PostgreSQL's bigint: an id or sequence past it cannot exist, and a lookup with it overflows.
+MAX_INT = 2**63 - 1
+
+
+class IntField(serializers.IntegerField):
+    """An integer input no larger than any stored id or sequence can be (a 400 past it, not a 500)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_value", MAX_INT)
+        super().__init__(**kwargs)
+
+
+class TextField(serializers.CharField):
+    """A string input. Refuses what DRF's CharField would turn into text (numbers, booleans) and NUL
+    characters, which PostgreSQL cannot store (a 400 naming the field, not a 500)."""
+
+    default_error_messages = {"not_text": "Must be a string.", "nul": "Must not contain NUL characters."}
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("not_text")
+        if "\x00" in data:
+            self.fail("nul")
+        return str(super().to_internal_value(data))
+
+
 class StrictSerializer(serializers.Serializer):
     """An input serializer that refuses fields it does not declare (sender, sequence, role...)."""
 
@@ -64,9 +90,21 @@ def int_param(request: Request, name: str, *, default: int | None = None, minimu
         value = int(raw)
     except ValueError:
         raise serializers.ValidationError({name: ["Must be an integer."]}) from None
+    if abs(value) > MAX_INT:
+        raise serializers.ValidationError({name: [f"Must be at most {MAX_INT}."]})
     if minimum is not None and value < minimum:
         raise serializers.ValidationError({name: [f"Must be at least {minimum}."]})
     return value
+
+
+def text_param(request: Request, name: str, *, max_length: int = 500) -> str:
+    """An optional text query parameter ('' when absent); NUL characters or an overlong value are a 400."""
+    raw = request.query_params.get(name) or ""
+    if "\x00" in raw:
+        raise serializers.ValidationError({name: ["Must not contain NUL characters."]})
+    if len(raw) > max_length:
+        raise serializers.ValidationError({name: [f"At most {max_length} characters."]})
+    return raw
 
 
 class ErrorDetailSerializer(serializers.Serializer):

@@ -159,6 +159,23 @@ def json_error(request: HttpRequest, status: int, code: str, message: str, **ext
     return JsonResponse(error_body(code, message, **extra), status=status)
 
 
+def handler400(request: HttpRequest, exception: Exception | None = None) -> Any:
+    """Django's own refusals of a request (SuspiciousOperation: too many form fields, a bad Host...)."""
+    if request.path.startswith("/api/"):
+        return json_error(request, 400, "malformed", "The request could not be read.")
+    from django.views.defaults import bad_request
+
+    return bad_request(request, exception or Exception())
+
+
+def handler403(request: HttpRequest, exception: Exception | None = None) -> Any:
+    if request.path.startswith("/api/"):
+        return json_error(request, 403, "forbidden", "You do not have permission to do that.")
+    from django.views.defaults import permission_denied
+
+    return permission_denied(request, exception or Exception())
+
+
 def handler404(request: HttpRequest, exception: Exception | None = None) -> Any:
     if request.path.startswith("/api/"):
         return json_error(request, 404, "not_found", "Not found.")

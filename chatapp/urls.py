@@ -5,6 +5,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from chatapp import health, metrics_view, schema, views  # noqa: F401 - schema registers OpenAPI extensions
 
+handler400 = "chatapp.errors.handler400"
+handler403 = "chatapp.errors.handler403"
 handler404 = "chatapp.errors.handler404"
 handler500 = "chatapp.errors.handler500"
 

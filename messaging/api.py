@@ -13,7 +13,17 @@ from rest_framework.response import Response
 
 from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics
-from chatapp.api import ChatApiView, StrictSerializer, current_user, error_responses, int_param, parse
+from chatapp.api import (
+    ChatApiView,
+    IntField,
+    StrictSerializer,
+    TextField,
+    current_user,
+    error_responses,
+    int_param,
+    parse,
+    text_param,
+)
 from chatapp.errors import TooLarge
 from messaging import selectors, services
 from threads.selectors import thread_get_for_member
@@ -51,11 +61,11 @@ def _payload(message_id: int, user: Any) -> dict[str, Any]:
 
 class MessageListSendApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        body = serializers.CharField(allow_blank=True, trim_whitespace=False, default="")
-        client_msg_id = serializers.CharField(max_length=services.CLIENT_MSG_ID_MAX_LENGTH)
-        reply_to = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+        body = TextField(allow_blank=True, trim_whitespace=False, default="")
+        client_msg_id = TextField(max_length=services.CLIENT_MSG_ID_MAX_LENGTH)
+        reply_to = IntField(min_value=1, required=False, allow_null=True)
         attachment_ids = serializers.ListField(
-            child=serializers.IntegerField(min_value=1), max_length=MAX_ATTACHMENTS_PER_MESSAGE, default=list
+            child=IntField(min_value=1), max_length=MAX_ATTACHMENTS_PER_MESSAGE, default=list
         )
 
     @extend_schema(
@@ -127,8 +137,8 @@ class MessageListSendApi(ChatApiView):
 
 class MessageDetailApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        body = serializers.CharField(trim_whitespace=False)
-        version = serializers.IntegerField(min_value=1)
+        body = TextField(trim_whitespace=False)
+        version = IntField(min_value=1)
 
     @extend_schema(
         summary="Get a message",
@@ -223,7 +233,7 @@ class MessageRepliesApi(ChatApiView):
 
 class ReactionApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        emoji = serializers.CharField(max_length=services.MAX_EMOJI_LENGTH)
+        emoji = TextField(max_length=services.MAX_EMOJI_LENGTH)
 
     @extend_schema(
         summary="React to a message (idempotent)",
@@ -277,7 +287,7 @@ class ReceiptMarkApi(ChatApiView):
     mark = "read"
 
     class InputSerializer(StrictSerializer):
-        seq = serializers.IntegerField(min_value=0)
+        seq = IntField(min_value=0)
 
     @extend_schema(
         summary="Mark read (or delivered) up to a sequence; marks never move back",
@@ -340,8 +350,8 @@ class NotificationListApi(ChatApiView):
 
 class NotificationReadApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        ids = serializers.ListField(child=serializers.IntegerField(min_value=1), max_length=500, required=False)
-        thread_id = serializers.IntegerField(min_value=1, required=False)
+        ids = serializers.ListField(child=IntField(min_value=1), max_length=500, required=False)
+        thread_id = IntField(min_value=1, required=False)
 
     @extend_schema(
         summary="Mark notifications read: some ids, a thread's, or all (empty body)",
@@ -383,7 +393,7 @@ class SearchApi(ChatApiView):
         return Response(
             selectors.message_search(
                 user=current_user(request),
-                query=request.query_params.get("q", ""),
+                query=text_param(request, "q"),
                 thread_id=int_param(request, "thread_id", minimum=1),
                 limit=int_param(request, "limit", default=20, minimum=1) or 20,
             )

@@ -33,6 +33,7 @@ from rest_framework import serializers
 
 from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics
+from chatapp.api import IntField, TextField
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
 from messaging import realtime, services, wire
@@ -93,37 +94,37 @@ class HelloFrame(Frame):
 
 
 class ThreadFrame(Frame):
-    thread_id = serializers.IntegerField(min_value=1)
+    thread_id = IntField(min_value=1)
 
 
 class SubscribeFrame(ThreadFrame):
-    last_seq = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    last_seq = IntField(min_value=0, required=False, allow_null=True)
 
 
 class SendFrame(ThreadFrame):
-    body = serializers.CharField(allow_blank=True, trim_whitespace=False, default="")
-    client_msg_id = serializers.CharField(max_length=services.CLIENT_MSG_ID_MAX_LENGTH)
-    reply_to = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    body = TextField(allow_blank=True, trim_whitespace=False, default="")
+    client_msg_id = TextField(max_length=services.CLIENT_MSG_ID_MAX_LENGTH)
+    reply_to = IntField(min_value=1, required=False, allow_null=True)
     attachment_ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1), max_length=MAX_ATTACHMENTS_PER_MESSAGE, default=list
+        child=IntField(min_value=1), max_length=MAX_ATTACHMENTS_PER_MESSAGE, default=list
     )
 
 
 class MessageFrame(Frame):
-    message_id = serializers.IntegerField(min_value=1)
+    message_id = IntField(min_value=1)
 
 
 class EditFrame(MessageFrame):
-    body = serializers.CharField(trim_whitespace=False)
-    version = serializers.IntegerField(min_value=1)
+    body = TextField(trim_whitespace=False)
+    version = IntField(min_value=1)
 
 
 class ReactionFrame(MessageFrame):
-    emoji = serializers.CharField(max_length=services.MAX_EMOJI_LENGTH)
+    emoji = TextField(max_length=services.MAX_EMOJI_LENGTH)
 
 
 class MarkFrame(ThreadFrame):
-    seq = serializers.IntegerField(min_value=0)
+    seq = IntField(min_value=0)
 
 
 def parse(serializer_class: type[serializers.Serializer], frame: dict[str, Any]) -> dict[str, Any]:
@@ -398,8 +399,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise Malformed("Binary frames are not accepted; send JSON text.")
             try:
                 frame = json.loads(text_data)
-            except ValueError:
-                raise Malformed("The frame is not valid JSON.") from None
+            except (ValueError, RecursionError):
+                raise Malformed("The frame is not valid JSON (or is nested too deeply).") from None
             if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
                 raise Malformed()
             request_id = frame.get("id")
@@ -538,14 +539,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.ack(request_id, {"thread_id": thread_id})
 
     async def frame_read(self, frame: dict[str, Any], request_id: Any) -> None:
-        data = parse(MarkFrame, frame)
+        data = await self._mark_frame(frame)
         self._receipts().mark(data["thread_id"], read=data["seq"], request_id=request_id)
         await self.ack(request_id, {"thread_id": data["thread_id"], "seq": data["seq"]})
 
     async def frame_delivered(self, frame: dict[str, Any], request_id: Any) -> None:
-        data = parse(MarkFrame, frame)
+        data = await self._mark_frame(frame)
         self._receipts().mark(data["thread_id"], delivered=data["seq"], request_id=request_id)
         await self.ack(request_id, {"thread_id": data["thread_id"], "seq": data["seq"]})
+
+    async def _mark_frame(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """A receipt is acknowledged only for a thread the user may see: a subscribed one (checked when
+        subscribing, dropped on removal) costs nothing; any other is asked of the policy first (404)."""
+        data = parse(MarkFrame, frame)
+        if data["thread_id"] not in self.subs:
+            await db(thread_get_for_member)(thread_id=data["thread_id"], user=self.user, action=policy.Action.VIEW)
+        return data
 
     def _receipts(self) -> realtime.ReceiptBatcher:
         if self.receipts is None:

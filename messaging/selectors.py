@@ -10,7 +10,7 @@ import copy
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count, Q
+from django.db.models import Count, Q, QuerySet
 
 from accounts.models import User
 from accounts.selectors import user_briefs
@@ -182,13 +182,20 @@ def message_receipts(*, message_id: int, user: User) -> dict[str, Any]:
     return body
 
 
+def _visible_notifications(user: User) -> QuerySet[Notification]:
+    """My notifications from threads I am still in: after I leave or am removed, or the thread is
+    deleted, its notifications (and their excerpts, read from the message as it is now) are gone."""
+    return Notification.objects.filter(recipient=user, thread__participants__user=user, thread__deleted_at__isnull=True)
+
+
 def notification_list(
     *, user: User, unread_only: bool = False, before_id: int | None = None, limit: int = DEFAULT_PAGE
 ) -> dict[str, Any]:
     from messaging.services import notification_payload
 
     limit = max(1, min(int(limit), MAX_PAGE))
-    qs = Notification.objects.filter(recipient=user).select_related("message").order_by("-id")
+    visible = _visible_notifications(user)
+    qs = visible.select_related("message").order_by("-id")
     if unread_only:
         qs = qs.filter(read_at__isnull=True)
     if before_id is not None:
@@ -197,7 +204,7 @@ def notification_list(
     items = [notification_payload(n) for n in rows[:limit]]
     return {
         "notifications": items,
-        "unread_count": Notification.objects.filter(recipient=user, read_at__isnull=True).count(),
+        "unread_count": visible.filter(read_at__isnull=True).count(),
         "next_before": rows[limit - 1].pk if len(rows) > limit else None,
     }
 

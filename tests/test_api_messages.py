@@ -579,7 +579,8 @@ def test_profile_rules_are_the_services(api: Api, bob: User) -> None:
         assert response.status_code == 400, (field, value)
         assert field in response.json()["error"]["fields"]
         with pytest.raises(InvalidInput) as refused:
-            user_update_profile(user=bob, **{field: value})
+            change: dict[str, Any] = {field: value}
+            user_update_profile(user=bob, **change)
         assert refused.value.fields is not None
         assert field in refused.value.fields
     ok = api(bob).patch(

@@ -179,9 +179,46 @@ async def test_malformed_frames_get_errors_and_the_socket_survives(alice: User, 
     assert set(reply["error"]["fields"]) == {"client_msg_id"}
     reply = await sock.request("subscribe", thread_id="three")
     assert reply["error"]["fields"]["thread_id"]
+    # JSON nested past the decoder's depth is malformed, not a server error.
+    await sock.send("[" * 100_000)
+    assert (await sock.next("error"))["error"]["code"] == "malformed"
+    # Ids past any stored one, numbers where text belongs, NUL characters: invalid, naming the field.
+    for fields, bad in (
+        ({"attachment_ids": [10**20], "body": "x", "client_msg_id": "big"}, "attachment_ids"),
+        ({"reply_to": 10**20, "body": "x", "client_msg_id": "big"}, "reply_to"),
+        ({"body": 12345, "client_msg_id": "num"}, "body"),
+        ({"body": "x", "client_msg_id": 77}, "client_msg_id"),
+    ):
+        reply = await sock.request("message.send", thread_id=thread.pk, **fields)
+        assert reply["error"]["code"] == "invalid", fields
+        assert set(reply["error"]["fields"]) == {bad}, reply
+    reply = await sock.request("reaction.add", message_id=1, emoji="\x00")
+    assert reply["error"]["fields"]["emoji"] == ["Must not contain NUL characters."]
+    reply = await sock.request("read", thread_id=10**20, seq=1)
+    assert set(reply["error"]["fields"]) == {"thread_id"}
     pong = await sock.request("ping")
     assert pong["type"] == "pong"
+    assert not await db(Message.objects.exists)()  # nothing of that was stored
     await sock.close()
+
+
+@pytest.mark.smoke
+async def test_receipts_for_a_thread_you_cannot_see_are_refused_not_acknowledged(
+    alice: User, carol: User, thread: Thread
+) -> None:
+    outsider = Socket(carol)
+    await outsider.connect()
+    for kind in ("read", "delivered"):
+        reply = await outsider.request(kind, thread_id=thread.pk, seq=1)
+        assert reply["type"] == "error", reply
+        assert reply["error"]["code"] == "not_found"
+    assert [f for f in await outsider.drain(1.5) if f["type"] in ("ack", "error")] == []  # no late second reply
+    # A member who has not subscribed yet (a receipt flushed just after a reconnect) is acknowledged.
+    member = Socket(alice)
+    await member.connect()
+    assert (await member.request("read", thread_id=thread.pk, seq=0))["type"] == "ack"
+    await member.close()
+    await outsider.close()
 
 
 @pytest.mark.smoke

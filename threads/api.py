@@ -10,7 +10,17 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from chatapp.api import ChatApiView, StrictSerializer, current_user, error_responses, int_param, parse
+from chatapp.api import (
+    ChatApiView,
+    IntField,
+    StrictSerializer,
+    TextField,
+    current_user,
+    error_responses,
+    int_param,
+    parse,
+    text_param,
+)
 from threads import services
 from threads.events import participant_payload, thread_payload
 from threads.models import ThreadKind, ThreadRole
@@ -50,12 +60,10 @@ def _detail(thread_id: int, user: Any) -> dict[str, Any]:
 
 class ThreadListCreateApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        title = serializers.CharField(
-            max_length=services.MAX_TITLE_LENGTH, required=False, allow_blank=True, default=""
-        )
+        title = TextField(max_length=services.MAX_TITLE_LENGTH, required=False, allow_blank=True, default="")
         kind = serializers.ChoiceField(choices=ThreadKind.choices, default=ThreadKind.GROUP)
         participant_ids = serializers.ListField(
-            child=serializers.IntegerField(min_value=1), max_length=services.MAX_INITIAL_PARTICIPANTS, default=list
+            child=IntField(min_value=1), max_length=services.MAX_INITIAL_PARTICIPANTS, default=list
         )
 
     @extend_schema(
@@ -100,7 +108,7 @@ class ThreadListCreateApi(ChatApiView):
             thread_list_for_user(
                 user=current_user(request),
                 archived=archived,
-                cursor=request.query_params.get("cursor") or None,
+                cursor=text_param(request, "cursor") or None,
                 limit=min(limit, 100),
             )
         )
@@ -127,7 +135,7 @@ class ThreadListCreateApi(ChatApiView):
 
 class ThreadDetailApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        title = serializers.CharField(max_length=services.MAX_TITLE_LENGTH, allow_blank=True)
+        title = TextField(max_length=services.MAX_TITLE_LENGTH, allow_blank=True)
 
     @extend_schema(
         summary="Get a thread",
@@ -175,7 +183,7 @@ class MembershipApi(ChatApiView):
 
 class ParticipantListApi(ChatApiView):
     class InputSerializer(StrictSerializer):
-        user_id = serializers.IntegerField(min_value=1)
+        user_id = IntField(min_value=1)
         role = serializers.ChoiceField(choices=ThreadRole.choices, default=ThreadRole.MEMBER)
 
     @extend_schema(summary="List participants", responses={200: OpenApiTypes.OBJECT, **error_responses(404)})

@@ -60,7 +60,8 @@ SYSTEM_INHERITANCE: dict[str, ThreadRole | None] = {
 }
 
 # Membership of a direct thread is fixed: two people, no roles to manage.
-DIRECT_FORBIDDEN = {Action.ADD_MEMBER, Action.REMOVE_MEMBER, Action.CHANGE_ROLE, Action.RENAME}
+# Leaving one is archiving it (a direct thread cannot be re-created without its pair).
+DIRECT_FORBIDDEN = {Action.ADD_MEMBER, Action.REMOVE_MEMBER, Action.CHANGE_ROLE, Action.RENAME, Action.LEAVE}
 
 
 def is_usable(user: User | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db.models import Count, OuterRef, Q, Subquery
@@ -92,8 +92,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor.encode()).decode()
         stamp, thread_id = raw.rsplit("|", 1)
-        return datetime.fromisoformat(stamp), int(thread_id)
-    except (ValueError, UnicodeDecodeError):
+        when, pk = datetime.fromisoformat(stamp), int(thread_id)
+        if when.tzinfo is None or not 0 < pk <= 2**63 - 1:
+            raise ValueError(raw)
+        # In UTC here, where an out-of-range moment fails, not in the database driver.
+        return when.astimezone(UTC), pk
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise InvalidInput(fields={"cursor": ["Malformed cursor."]}) from None
 
 

@@ -19,14 +19,12 @@ MAX_INITIAL_PARTICIPANTS = 500
 MAX_TITLE_LENGTH = 200
 
 
-def _active_users(user_ids: Iterable[int]) -> list[User]:
+def _active_users(user_ids: Iterable[int], *, field: str = "participant_ids") -> list[User]:
     ids = sorted({int(uid) for uid in user_ids})
     users = list(User.objects.filter(pk__in=ids, is_active=True, deactivated_at__isnull=True))
     missing = set(ids) - {u.pk for u in users}
     if missing:
-        raise InvalidInput(
-            "Unknown or inactive users.", fields={"participant_ids": [f"Unknown user {sorted(missing)}"]}
-        )
+        raise InvalidInput("Unknown or inactive users.", fields={field: [f"Unknown user {sorted(missing)}"]})
     return users
 
 
@@ -160,7 +158,7 @@ def participant_add(*, actor: User, thread_id: int, user_id: int, role: str = Th
     if role not in ThreadRole.values:
         raise InvalidInput(fields={"role": [f"Must be one of {', '.join(ThreadRole.values)}."]})
     policy.check_manage_target(actor_role=access.role, target_role=ThreadRole.MEMBER, new_role=role)
-    (user,) = _active_users([user_id])
+    (user,) = _active_users([user_id], field="user_id")
     participant, created = ThreadParticipant.objects.get_or_create(
         thread=access.thread, user=user, defaults={"role": role}
     )
