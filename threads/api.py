@@ -234,9 +234,9 @@ class ParticipantDetailApi(ChatApiView):
 
 class LeaveApi(ChatApiView):
     @extend_schema(
-        summary="Leave a thread (the last OWNER must promote someone first: 409)",
+        summary="Leave a thread (the last OWNER must hand over first: 409; a direct thread is archived, not left: 403)",
         request=None,
-        responses={204: None, **error_responses(404, 409)},
+        responses={204: None, **error_responses(403, 404, 409)},
     )
     def post(self, request: Request, thread_id: int) -> Response:
         services.thread_leave(user=current_user(request), thread_id=thread_id)
