@@ -82,8 +82,10 @@ def test_removing_a_participant_broadcasts_and_keeps_the_last_owner_rule(
         shown = run_action(client, "/admin/threads/threadparticipant/", "remove_participants", [membership.pk])
     assert shown == ["Removed 1 participant(s)."]
     assert not ThreadParticipant.objects.filter(pk=membership.pk).exists()
-    types = [event["type"] for event in capture.receive_all()]
-    assert "thread.participant_removed" in types
+    received = {event["type"]: event for event in capture.receive_all()}
+    assert set(received) == {"thread.participant_removed", "thread.removed"}  # the thread, and bob's sockets
+    assert received["thread.participant_removed"]["data"]["user_id"] == bob.pk
+    assert received["thread.removed"]["data"]["thread_id"] == thread.pk
 
     # The thread policy holds in the admin too: a system ADMIN cannot remove a thread OWNER, and even a
     # system OWNER cannot remove a thread's last owner (the services say why).

@@ -41,13 +41,22 @@ def test_thread_create_group_broadcasts_to_each_participant(
     assert {e["data"]["thread"]["id"] for e in received} == {body["id"]}
 
 
-def test_thread_create_direct_is_unique_per_pair(api: Api, alice: User, bob: User) -> None:
-    first = api(alice).post("/api/v1/threads", {"kind": "DIRECT", "participant_ids": [bob.pk]}, format="json")
+def test_thread_create_direct_is_unique_per_pair(
+    api: Api, alice: User, bob: User, events: Callable[..., EventCapture], django_capture_on_commit_callbacks: Any
+) -> None:
+    capture = events(user_group(alice.pk), user_group(bob.pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        first = api(alice).post("/api/v1/threads", {"kind": "DIRECT", "participant_ids": [bob.pk]}, format="json")
     assert first.status_code == 201
-    again = api(bob).post("/api/v1/threads", {"kind": "DIRECT", "participant_ids": [alice.pk]}, format="json")
+    created = capture.receive_all()
+    assert [e["type"] for e in created] == ["thread.created", "thread.created"]
+    assert {e["data"]["thread"]["id"] for e in created} == {first.json()["id"]}
+    with django_capture_on_commit_callbacks(execute=True):
+        again = api(bob).post("/api/v1/threads", {"kind": "DIRECT", "participant_ids": [alice.pk]}, format="json")
     assert again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
     assert Thread.objects.filter(kind="DIRECT").count() == 1
+    assert capture.receive_all() == []  # asking again announces nothing
 
 
 @pytest.mark.parametrize(
@@ -81,7 +90,14 @@ def test_thread_title_limit_is_the_services(alice: User, thread: Thread) -> None
     assert thread_rename(actor=alice, thread_id=thread.pk, title=" " + "z" * 200 + " ").title == "z" * 200
 
 
-def test_thread_list_unread_last_message_and_archived_apart(api: Api, alice: User, bob: User, thread: Thread) -> None:
+def test_thread_list_unread_last_message_and_archived_apart(
+    api: Api,
+    alice: User,
+    bob: User,
+    thread: Thread,
+    events: Callable[..., EventCapture],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
     from messaging.services import message_send
 
     for i in range(3):
@@ -93,9 +109,13 @@ def test_thread_list_unread_last_message_and_archived_apart(api: Api, alice: Use
     assert by_id[thread.pk]["last_message"]["body"] == "hi 2"
     assert by_id[thread.pk]["my_role"] == "MEMBER"
     assert by_id[other["id"]]["my_role"] == "OWNER"
-    assert (
-        api(bob).patch(f"/api/v1/threads/{thread.pk}/membership", {"archived": True}, format="json").status_code == 200
-    )
+    capture = events(user_group(bob.pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        archive = api(bob).patch(f"/api/v1/threads/{thread.pk}/membership", {"archived": True}, format="json")
+    assert archive.status_code == 200
+    (settings_event,) = capture.receive_all()  # bob's other tabs move it too
+    assert settings_event["type"] == "thread.membership_updated"
+    assert settings_event["data"]["thread_id"] == thread.pk
     active = [t["id"] for t in api(bob).get("/api/v1/threads").json()["threads"]]
     archived = [t["id"] for t in api(bob).get("/api/v1/threads?archived=1").json()["threads"]]
     assert active == [other["id"]]
@@ -188,8 +208,22 @@ def test_participants_add_role_remove_leave(
     assert left.json()["error"]["reason"] == "last_owner"
     assert api(alice).patch(f"{url}/{alice.pk}", {"role": "ADMIN"}, format="json").status_code == 409
     # After promoting bob to OWNER, alice may leave.
-    assert api(alice).patch(f"{url}/{bob.pk}", {"role": "OWNER"}, format="json").status_code == 200
-    assert api(alice).post(f"/api/v1/threads/{thread.pk}/leave").status_code == 204
+    capture.receive_all()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api(alice).patch(f"{url}/{bob.pk}", {"role": "OWNER"}, format="json").status_code == 200
+    (promoted,) = capture.receive_all()
+    assert promoted["type"] == "thread.role_changed"
+    assert (promoted["data"]["user_id"], promoted["data"]["role"], promoted["data"]["previous"]) == (
+        bob.pk,
+        "OWNER",
+        "ADMIN",
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api(alice).post(f"/api/v1/threads/{thread.pk}/leave").status_code == 204
+    (left_event,) = capture.receive_all()
+    assert left_event["type"] == "thread.participant_removed"
+    assert left_event["data"]["user_id"] == alice.pk
+    assert left_event["seq"] > promoted["seq"]
     assert not ThreadParticipant.objects.filter(thread=thread, user=alice).exists()
 
 

@@ -314,7 +314,8 @@ def test_bad_files_are_refused_and_recorded(
 ) -> None:
     started = time.monotonic()
     response = upload(api(bob), thread, name, data, content_type)
-    assert time.monotonic() - started < 5
+    # Bounded (a pixel bomb is refused from its header, never decoded), with room for a loaded machine.
+    assert time.monotonic() - started < 20
     assert response.status_code == status, response.json()
     assert error(response)["reason"] == reason
     attachment = Attachment.objects.get()

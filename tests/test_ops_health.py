@@ -100,6 +100,12 @@ def test_readyz_checks_the_real_services(client: Client) -> None:
     assert "state" not in checks["redis"]
 
 
+def bounded(settings: Any) -> float:
+    """A probe's time limit: its checks' timeout with room for a loaded machine (it must not hang; how
+    fast it is belongs to no test)."""
+    return float(settings.HEALTH_CHECK_TIMEOUT_SECONDS * 2 + 3)
+
+
 def test_readyz_fails_fast_for_an_unreachable_redis(client: Client, settings: Any) -> None:
     """A black-holed address (TEST-NET-1 never answers) must not hang the probe."""
     settings.REDIS_URL = "redis://192.0.2.1:6379/0"
@@ -107,7 +113,7 @@ def test_readyz_fails_fast_for_an_unreachable_redis(client: Client, settings: An
     assert status == 503
     assert body["ready"] is False
     assert body["checks"]["redis"]["ok"] is False
-    assert elapsed < settings.HEALTH_CHECK_TIMEOUT_SECONDS + 1.5
+    assert elapsed < bounded(settings)
 
 
 def test_readyz_follows_redis_stopped_and_started(client: Client, settings: Any) -> None:
@@ -123,7 +129,7 @@ def test_readyz_follows_redis_stopped_and_started(client: Client, settings: Any)
         assert body["checks"]["redis"]["error"]
         assert body["checks"]["database"]["ok"] is True
         assert body["checks"]["storage"]["ok"] is True
-        assert elapsed < settings.HEALTH_CHECK_TIMEOUT_SECONDS + 1.5
+        assert elapsed < bounded(settings)
     finally:
         testenv.start_service("redis")
     body = wait_ready(client, timeout=10)
