@@ -59,6 +59,31 @@ def message_seqs(client: Client, thread_id: int) -> list[int]:
     return [f["seq"] for f in client.events("message.created", thread_id)]
 
 
+async def open_once_a_slot_is_free(server: ServerProcess, cookie: str, timeout: float = 10.0) -> Client:
+    """Open a socket, again while it is refused with 4429: a server counts a closed socket out of the
+    connection limit (in Redis) after the close handshake, not before it, so a slot frees a moment later."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        ws = await connect(
+            server.ws_url,
+            origin=server.origin,  # type: ignore[arg-type]
+            additional_headers={"Cookie": f"sessionid={cookie}"},
+            max_size=None,
+            open_timeout=10,
+            ping_interval=None,
+        )
+        client = Client(ws)
+        try:
+            await client.wait_for(lambda f: f["type"] == "ready")
+        except AssertionError:
+            if client.close_code != 4429 or loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
+        else:
+            return client
+
+
 async def send(client: Client, thread: Thread, body: str, client_msg_id: str) -> dict[str, Any]:
     ack = await client.request("message.send", thread_id=thread.pk, body=body, client_msg_id=client_msg_id)
     assert ack["type"] == "ack", ack
@@ -117,7 +142,7 @@ def test_two_processes_carry_messages_edits_reactions_typing_presence_and_receip
         # Offline as soon as the last socket closes (not when the entry expires, 65 s later: the
         # sweeper's bound is for processes that die without closing their sockets).
         offline = await a.wait_for(
-            lambda f: f["type"] == "presence" and f["data"]["users"][0]["online"] is False, timeout=8
+            lambda f: f["type"] == "presence" and f["data"]["users"][0]["online"] is False, timeout=20
         )
         assert offline["data"]["users"] == [{"user_id": bob.pk, "online": False}]
         await a.close()
@@ -133,10 +158,10 @@ def test_the_connection_limit_is_counted_across_processes(pair: list[ServerProce
         kept = [await Client.open(one, cookie), await Client.open(two, cookie), await Client.open(one, cookie)]
         fourth = await connect(two.ws_url, origin=two.origin, additional_headers={"Cookie": f"sessionid={cookie}"})  # type: ignore[arg-type]
         with pytest.raises(ConnectionClosed):
-            await asyncio.wait_for(fourth.recv(), 5)
+            await asyncio.wait_for(fourth.recv(), 10)
         assert fourth.close_code == 4429
         await kept[0].close()
-        fifth = await Client.open(two, cookie)  # a slot is free again
+        fifth = await open_once_a_slot_is_free(two, cookie)  # a slot is free again
         for client in [*kept[1:], fifth]:
             await client.close()
 
@@ -187,7 +212,7 @@ def test_a_stalled_reader_gets_every_event_in_order_once_it_reads_again(
     count = 80
 
     def buffered_writes() -> float:
-        with urllib.request.urlopen(f"{one.origin}/metrics", timeout=5) as reply:
+        with urllib.request.urlopen(f"{one.origin}/metrics", timeout=15) as reply:
             text = reply.read().decode()
         return sum(
             float(line.split()[-1])
@@ -253,39 +278,45 @@ def test_redis_down_for_10s_loses_no_acknowledged_message(
     one, two = pair
     cookies = session_cookie(alice), session_cookie(bob)
 
-    async def scenario() -> tuple[list[dict[str, Any]], Client, Client]:
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], Client, Client]:
         a = await Client.open(one, cookies[0])
         b = await Client.open(two, cookies[1])
         for client in (a, b):
             await client.request("subscribe", thread_id=thread.pk, last_seq=0)
         acked: list[dict[str, Any]] = []
-        start = time.monotonic()
-        stopped = restarted = False
         n = 0
-        while time.monotonic() - start < 15:
-            elapsed = time.monotonic() - start
-            if elapsed > 2 and not stopped:
-                await asyncio.to_thread(env.stop_service, "redis")
-                stopped = True
-            if elapsed > 12 and not restarted:
-                await asyncio.to_thread(env.start_service, "redis")
-                restarted = True
-            reply = await a.request("message.send", thread_id=thread.pk, body=f"m{n}", client_msg_id=f"o-{n}")
-            if reply["type"] == "ack":
-                acked.append(reply["data"])
-            n += 1
-            await asyncio.sleep(0.1)
-        assert stopped
-        assert restarted
+
+        async def send_for(seconds: float) -> list[dict[str, Any]]:
+            """Send a message every 0.1 s for ``seconds`` (at least once); the acks that came back."""
+            nonlocal n
+            got = []
+            end = time.monotonic() + seconds
+            while True:
+                reply = await a.request("message.send", thread_id=thread.pk, body=f"m{n}", client_msg_id=f"o-{n}")
+                n += 1
+                if reply["type"] == "ack":
+                    got.append(reply["data"])
+                if time.monotonic() >= end:
+                    return got
+                await asyncio.sleep(0.1)
+
+        try:
+            acked += await send_for(2)
+            await asyncio.to_thread(env.stop_service, "redis")
+            during = await send_for(10)  # every one of these was sent and answered while Redis was down
+            acked += during
+        finally:
+            await asyncio.to_thread(env.start_service, "redis")
+        acked += await send_for(3)
         # Both sockets survived and catch up by themselves once Redis is back.
         want = {m["seq"] for m in acked}
         for client in (a, b):
-            await client.wait_for(lambda f, c=client: want <= set(message_seqs(c, thread.pk)), timeout=15)  # type: ignore[misc]
+            await client.wait_for(lambda f, c=client: want <= set(message_seqs(c, thread.pk)), timeout=30)  # type: ignore[misc]
             assert not client.closed  # the socket stayed open through the outage
-        return acked, a, b
+        return acked, during, a, b
 
-    acked, a, b = asyncio.run(scenario())
-    assert len(acked) >= 100
+    acked, during, a, b = asyncio.run(scenario())
+    assert during  # sending does not need Redis: messages were acknowledged while it was down
     stored = dict(Message.objects.filter(thread=thread).values_list("client_msg_id", "sequence"))
     assert all(stored.get(m["client_msg_id"]) == m["seq"] for m in acked)
     for client in (a, b):
