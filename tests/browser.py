@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -30,10 +31,18 @@ CHROMIUM_ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def listening_socket() -> socket.socket:
+    """A socket bound here to a free port and listening, to hand to daphne (as bench/servers.py does).
+
+    The port is never released between choosing it and serving on it, nor across a restart: no other
+    process can take it, and nothing but the daphne started here can answer on it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
 
 
 def test_database_url() -> str:
@@ -45,10 +54,14 @@ def test_database_url() -> str:
 
 
 class LiveServer:
-    """One daphne process; ``restart()`` stops it with SIGTERM and starts it again on the same port."""
+    """One daphne process on a socket bound here; ``restart()`` stops it with SIGTERM and starts
+    another on the same socket. ``close()`` stops it and releases the port."""
+
+    START_TIMEOUT = 60.0
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.sock = listening_socket()
+        self.port = int(self.sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         ARTIFACTS.mkdir(exist_ok=True)
@@ -63,53 +76,87 @@ class LiveServer:
                 "CHATAPP_TESTING": "0",
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
                 "CHATAPP_DATA_DIR": str(Path(settings.DATA_DIR)),
+                "PYTHONUNBUFFERED": "1",
             }
         )
         return env
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "chatapp.asgi:application"],
-            cwd=ROOT,
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daphne exited early; see {self.log_path}")
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"daphne {self.proc.pid} is still running on {self.port}")
+        fd = self.sock.fileno()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daphne", "--fd", str(fd), "chatapp.asgi:application"],
+                cwd=ROOT,
+                env=self.env(),
+                pass_fds=(fd,),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which stops it
+            )
+        self.wait_ready(self.proc)
+
+    def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        """Until ``proc`` answers GET /healthz on the socket. Only it can: the socket is ours, and no
+        earlier daphne is left on it (``start`` refuses to run two)."""
+        deadline = time.monotonic() + self.START_TIMEOUT
+        last = "no answer"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daphne exited with {proc.returncode} before answering; see {self.log_path}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(
+                    f"daphne did not answer GET /healthz in {self.START_TIMEOUT:.0f} s ({last}); see {self.log_path}"
+                )
+            probe = http.client.HTTPConnection("127.0.0.1", self.port, timeout=min(10.0, left))
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                probe.request("GET", "/healthz", headers={"Host": "127.0.0.1"})
+                response = probe.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                last = repr(exc)
+            else:
+                if response.status == 200 and b'"ok"' in body and proc.poll() is None:
                     return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("daphne did not start listening in 30 s")
+                last = f"HTTP {response.status}: {body[:200]!r}"
+            finally:
+                probe.close()
+            time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the daphne started here (by its PID), then SIGKILL if it lingers. The socket stays
+        open: connections made meanwhile wait for the next start."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+            proc.kill()
+            proc.wait(timeout=10)
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self.sock.close()
+
 
 @pytest.fixture
 def live_daphne(transactional_db: None) -> Iterator[LiveServer]:
     server = LiveServer()
-    server.start()
     try:
+        server.start()
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,55 @@ def off_loop(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         return pool.submit(call).result(timeout=30)
 
 
+# Notes on each WebSocket the page opens which threads the server has acknowledged a subscribe for
+# (``ws.__subscribed``): the page's own frames, read as they go out and come back, changing nothing.
+WATCH_SUBSCRIPTIONS = """
+(() => {
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (data) {
+    try {
+      const frame = typeof data === 'string' ? JSON.parse(data) : null;
+      if (frame && frame.type === 'subscribe' && frame.id !== undefined) {
+        if (!this.__subscribing) {
+          this.__subscribing = new Map(); // request id -> thread id
+          this.__subscribed = new Set();
+          this.addEventListener('message', (event) => {
+            if (typeof event.data !== 'string') return;
+            let answer;
+            try { answer = JSON.parse(event.data); } catch (_) { return; }
+            if (answer.type === 'ack' && this.__subscribing.has(answer.id)) {
+              this.__subscribed.add(this.__subscribing.get(answer.id));
+            }
+          });
+        }
+        this.__subscribing.set(frame.id, frame.thread_id);
+      }
+    } catch (_) {}
+    return send.call(this, data);
+  };
+  window.__watchingSubscriptions = true;
+})();
+"""
+
+# Whether the page's socket is open and the server has acknowledged its subscription to every
+# thread in the list and to the open one (the page subscribes to them all once it is connected).
+SUBSCRIBED = """
+() => {
+  const app = window.chatapp;
+  if (!window.__watchingSubscriptions) return { ready: false, why: 'page not opened with open_chat()' };
+  if (!app || !app.socket.connected || !app.socket.ws) return { ready: false, why: 'socket not open' };
+  const wanted = [...app.state.threads.keys()];
+  if (app.state.current && !wanted.includes(app.state.current)) wanted.push(app.state.current);
+  const done = app.socket.ws.__subscribed || new Set();
+  const missing = wanted.filter((id) => !done.has(id));
+  return missing.length ? { ready: false, why: 'not subscribed yet', missing } : { ready: true };
+}
+"""
+
+
 def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[str, int] | None = None) -> Any:
     context = browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+    context.add_init_script(WATCH_SUBSCRIPTIONS)
     context.add_cookies([session_cookie_for(user, server)])
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
@@ -61,8 +109,33 @@ def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[st
     return page
 
 
+def wait_until(page: Any, script: str, arg: Any = None, *, what: str) -> Any:
+    """Evaluate ``script`` until it returns something truthy, and return that.
+
+    For async scripts (the Cache API): ``page.wait_for_function`` does not await a returned promise,
+    and a promise is truthy, so it would return at once; ``page.evaluate`` awaits it.
+    """
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while True:
+        value = page.evaluate(script, arg)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        page.wait_for_timeout(100)
+
+
 def wait_connected(page: Any) -> None:
-    page.wait_for_function("() => window.chatapp && window.chatapp.socket.connected", timeout=TIMEOUT)
+    """Until the page's socket is open and subscribed (acknowledged by the server) to every thread
+    it lists and the open one: from then on typing goes out and live events come in."""
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while True:
+        state = page.evaluate(SUBSCRIBED)
+        if state["ready"]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page's socket did not connect and subscribe in time: {state}")
+        page.wait_for_timeout(100)
 
 
 def message_bodies(page: Any) -> list[str]:
@@ -205,17 +278,40 @@ def test_html_shows_as_text_and_non_members_see_nothing(
     page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
     body = page.wait_for_selector("#messages .message .body")
     assert "<script>" in body.inner_text()
-    assert page.evaluate("() => window.__pwned") is None
     assert page.locator("#messages .message .body script, #messages .message .body img").count() == 0
+    # Had the markup been injected, its <img src=x> would fail to load and its onerror would run only
+    # then: wait until an image of that address has failed here, and until every image in the
+    # messages has finished (loaded or failed), before checking that no handler ran.
+    page.evaluate(
+        """() => new Promise((resolve) => {
+          const probe = new Image();
+          probe.onload = probe.onerror = () => resolve(true);
+          probe.src = 'x';
+        })"""
+    )
+    wait_until(
+        page,
+        "() => [...document.querySelectorAll('#messages img')].every((img) => img.complete)",
+        what="the images in the messages to finish loading",
+    )
+    assert page.evaluate("() => typeof window.__pwned") == "undefined"
     assert page.locator("#messages a[href^='javascript']").count() == 0
 
     outsider = open_chat(browser, live_daphne, mallory)
     assert outsider.locator(f'.thread-item[data-thread-id="{thread.pk}"]').count() == 0
     response = outsider.request.get(f"{live_daphne.url}/api/v1/threads/{thread.pk}/messages")
     assert response.status == 404
+    # Only the fragment differs from the page's address, so going there alone would not load the page
+    # again: reload it, so that it tries to open the thread from the address. It is refused and
+    # dropped (the address loses its fragment), nothing of it shown.
     outsider.goto(f"{live_daphne.url}/#thread-{thread.pk}")
+    outsider.reload()
     outsider.wait_for_selector(".thread-item")
-    outsider.wait_for_timeout(500)
+    wait_until(
+        outsider,
+        "() => window.chatapp && location.hash === '' && document.getElementById('thread-view').hidden",
+        what="the page to refuse the thread named in its address",
+    )
     assert "Private" not in outsider.inner_text("#thread-title")
     assert payload not in outsider.content()
     assert Thread.objects.filter(pk=other.pk).exists()
