@@ -88,7 +88,8 @@ def sequence_next(thread_id: int, *, last_message_at: datetime | None = None) ->
 
     The UPDATE holds the thread row's lock until commit, so concurrent writers in one thread
     queue up and get distinct numbers; a rollback undoes the increment, so there are no gaps.
-    ``last_message_at`` is set in the same statement when a message is stored.
+    ``last_message_at`` is set in the same statement when a message is stored. A deleted thread
+    takes no more events (NotFound), even when it was deleted while this writer waited for the lock.
     """
     from threads.models import Thread
 
@@ -103,7 +104,11 @@ def sequence_next(thread_id: int, *, last_message_at: datetime | None = None) ->
         params.append(connection.ops.adapt_datetimefield_value(last_message_at))
     # Identifiers come from the model's own metadata, quoted; values are parameters.
     table, pk = quote(meta.db_table), quote(meta.pk.column)
-    sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {pk} = %s RETURNING {sequence}"  # noqa: S608
+    deleted = quote(meta.get_field("deleted_at").column)
+    sql = (
+        f"UPDATE {table} SET {', '.join(assignments)} "  # noqa: S608
+        f"WHERE {pk} = %s AND {deleted} IS NULL RETURNING {sequence}"
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, thread_id])
         row = cursor.fetchone()

@@ -6,6 +6,7 @@ Who updates what:
 - ``messages_sent``: ``via="api"`` in the REST send view, ``via="ws"`` in the consumer;
 - ``fanout_latency``: the hub (messaging/hub.py), once it has written an event to its sockets;
 - ``socket_writes_buffered``: messaging/wire.py, when a socket's send buffer is full;
+- ``sockets_closed_behind``: the socket consumer, when it closes a client that fell too far behind;
 - ``ratelimit_refusals`` / ``ratelimit_errors``: chatapp/ratelimit.py and messaging/ratelimits.py;
 - ``channel_layer_errors``: chatapp/broadcast.py;
 - ``slow_queries``: chatapp/db.py;
@@ -46,6 +47,10 @@ channel_layer_errors = Counter("chatapp_channel_layer_errors_total", "Channel-la
 socket_writes_buffered = Counter(
     "chatapp_socket_writes_buffered_total",
     "Event frames the kernel did not take whole (a slow or stalled client): the rest waits in the server",
+)
+sockets_closed_behind = Counter(
+    "chatapp_sockets_closed_behind_total",
+    "Sockets closed with 1013 because their client fell too far behind (it resumes from the log)",
 )
 slow_queries = Counter("chatapp_slow_queries_total", "Database queries slower than CHATAPP_SLOW_QUERY_SECONDS")
 

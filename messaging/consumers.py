@@ -50,6 +50,7 @@ COMPRESSION = "deflate-raw"
 # Close codes (docs/realtime.md). 1xxx are standard; 4xxx are ours.
 CLOSE_TOO_BIG = 1009
 CLOSE_RESTART = 1012
+CLOSE_BEHIND = 1013  # "try again later": this socket fell too far behind; reconnect and resume
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_DEACTIVATED = 4403
 CLOSE_IDLE = 4408
@@ -216,6 +217,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.inbox is None:
             self.inbox = deque()
         self.inbox.append(message)
+        if len(self.inbox) > realtime.MAX_QUEUED_EVENTS:
+            self.fall_behind()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -361,6 +364,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame({"type": "ping", "data": {"ts": time.time()}})
         return True
 
+    def fall_behind(self) -> None:
+        """Too much waits for this client (events queued here, or bytes it does not read): close with
+        1013 instead of holding them. Its next connection resumes from the log, which loses nothing."""
+        if not self.closing:
+            self.closing = True  # nothing more is queued or written for it
+            if self.inbox:
+                self.inbox.clear()
+            metrics.sockets_closed_behind.inc()
+            asyncio.get_running_loop().create_task(super().close(code=CLOSE_BEHIND))
+
     def shutdown(self) -> None:
         """The process is stopping (SIGTERM): close with 1012 so the client reconnects elsewhere."""
         asyncio.get_running_loop().create_task(self.close(code=CLOSE_RESTART))
@@ -454,7 +467,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame({"type": "resync", "thread_id": thread_id, "seq": current, "reason": reason})
         else:
             self.subs[thread_id] = Subscription(last_seq)
-            await self._replay(thread_id, upto=current)
+            # The access check passed at ``current``: a removal (or delete) logged before it was undone
+            # since (re-added, restored), so the backlog's earlier removals do not end the subscription.
+            await self._replay(thread_id, upto=current, allowed_through=current)
         sub = self.subs.get(thread_id)
         if sub is None:  # the backlog ended with our removal
             raise NotFound("Thread not found.")
@@ -595,6 +610,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if message["text"].startswith('{"type":"thread.'):
             self._apply_thread_event(thread_id, json.loads(message["text"]))
 
+    async def chat_catch_up(self, message: dict[str, Any]) -> None:
+        """From the heartbeat (:meth:`messaging.realtime.Beats.catch_up`): the log has events up to
+        ``seq`` that never arrived here; send them from the log, in order."""
+        sub = self.subs.get(message["thread_id"])
+        if sub is not None and sub.high < message["seq"]:
+            await self._replay(message["thread_id"], upto=message["seq"])
+
     async def forward(self, message: dict[str, Any]) -> None:
         """Write an event's frame as serialised (or compressed) once for everyone."""
         if self.closing:
@@ -602,6 +624,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         zipped = self.compress and "z" in message
         if self.protocol is not None:
             wire.write_event(self.protocol, message, zipped=zipped)
+            if wire.unsent_bytes(self.protocol) > realtime.MAX_UNSENT_BYTES:
+                self.fall_behind()
         elif zipped:
             await self.base_send({"type": "websocket.send", "bytes": message["z"]})
         else:
@@ -629,8 +653,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         elif kind == "session.revoked" and event["data"].get("session_id") == self.scope.get("auth_session_id"):
             await self.close(code=CLOSE_UNAUTHENTICATED)  # signed out (or revoked in Clerk): sign in again
 
-    async def _replay(self, thread_id: int, upto: int | None = None) -> None:
-        """Send the logged events after ``high`` in order, a page at a time (up to ``upto`` at least)."""
+    async def _replay(self, thread_id: int, upto: int | None = None, allowed_through: int = 0) -> None:
+        """Send the logged events after ``high`` in order, a page at a time (up to ``upto`` at least).
+
+        Removals up to ``allowed_through`` (a sequence at which the user's access was checked) are
+        sent but do not end the subscription.
+        """
         while (sub := self.subs.get(thread_id)) is not None:
             rows = await db(realtime.thread_events_after)(thread_id=thread_id, after=sub.high)
             for seq, payload in rows:
@@ -638,7 +666,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     return
                 sub.high = seq
                 await self.forward(layer_message(payload))
-                if payload.get("type", "").startswith("thread."):
+                if seq > allowed_through and payload.get("type", "").startswith("thread."):
                     self._apply_thread_event(thread_id, payload)
             if len(rows) < realtime.BACKLOG_PAGE or (upto is not None and sub.high >= upto):
                 return

@@ -40,7 +40,7 @@ from django.conf import settings
 
 from chatapp import metrics
 from chatapp.broadcast import group_send_now, layer_message, thread_group
-from threads.models import ThreadEvent, ThreadParticipant
+from threads.models import Thread, ThreadEvent, ThreadParticipant
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ KEY_PREFIX = "chatapp:rt:"
 # The design's limits (see docs/realtime.md).
 MAX_FRAME_BYTES = 100 * 1024
 BACKLOG_PAGE = 500
+# A socket is closed (1013) when its client falls this far behind; it resumes from the log.
+MAX_QUEUED_EVENTS = 10_000
+MAX_UNSENT_BYTES = 8 * 1024 * 1024
 RESYNC_OVER = 5000
 TYPING_THROTTLE_SECONDS = 2.0
 TYPING_SHOWN_SECONDS = 6
@@ -105,6 +108,11 @@ def thread_events_after(*, thread_id: int, after: int, limit: int = BACKLOG_PAGE
         .values_list("sequence", "payload")[:limit]
     )
     return [(int(seq), payload) for seq, payload in rows]
+
+
+def thread_last_sequences(*, thread_ids: list[int]) -> dict[int, int]:
+    """Each thread's newest logged sequence (committed events only)."""
+    return dict(Thread.objects.filter(pk__in=thread_ids).values_list("pk", "last_sequence"))
 
 
 def user_thread_ids(*, user_id: int) -> list[int]:
@@ -516,8 +524,9 @@ class Beats:
 
     Each tick (every ``min(heartbeat, idle timeout / 4)`` seconds) asks each consumer to ``beat()``:
     ping it if it has been quiet for a heartbeat, close it if silent for the idle timeout. Then it
-    refreshes every remaining connection's presence entry in one Redis round trip, and announces
-    anyone the store had lost (Redis restarted) as online again.
+    catches up sockets whose thread's newest event never reached them (:meth:`catch_up`), refreshes
+    every remaining connection's presence entry in one Redis round trip, and announces anyone the
+    store had lost (Redis restarted) as online again.
     """
 
     def __init__(self) -> None:
@@ -548,6 +557,11 @@ class Beats:
         now, beat, idle = time.monotonic(), heartbeat_seconds(), idle_timeout_seconds()
         alive = [c for c in self._sockets() if await c.beat(now=now, beat=beat, idle=idle)]
         try:
+            await self.catch_up(alive)
+        except Exception:
+            stop_if_cancelled()
+            logger.warning("catch-up check failed (database down?)", exc_info=True)
+        try:
             back = await store().connections_refresh([(c.user_id, c.conn_id) for c in alive])
         except Exception:
             logger.debug("presence refresh failed (Redis down?)", exc_info=True)
@@ -555,6 +569,20 @@ class Beats:
         for consumer, came_back in zip(alive, back, strict=True):
             if came_back:
                 await presence_broadcast(user_id=consumer.user_id, online=True)
+
+    @staticmethod
+    async def catch_up(consumers: list[Any]) -> None:
+        """The channel layer may drop a notice (a full channel). A gap is filled when the thread's next
+        event arrives, but a thread's *newest* event has no next one: compare what each socket has
+        with the log (one query for the whole process) and have the socket replay what it lacks."""
+        wanted = sorted({thread_id for c in consumers for thread_id in c.subs})
+        if not wanted:
+            return
+        newest = await db(thread_last_sequences)(thread_ids=wanted)
+        for consumer in consumers:
+            for thread_id, sub in list(consumer.subs.items()):
+                if newest.get(thread_id, 0) > sub.high:
+                    consumer.queue({"type": "chat.catch_up", "thread_id": thread_id, "seq": newest[thread_id]})
 
 
 beats = Beats()

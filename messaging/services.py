@@ -71,6 +71,16 @@ def _message_for_action(*, actor: User, message_id: int, action: policy.Action) 
     return message, access.role
 
 
+def _lock_message(message_id: int) -> Message:
+    """Lock a message for a change, in the order every message write uses: the message row first
+    (FOR NO KEY UPDATE, which a reply's foreign-key check does not wait for), then its thread's (where
+    sequences are taken). Read under both, the message is current and no write in the thread
+    (a reply quoting it, a reaction) commits between this change and its event."""
+    message = Message.objects.select_for_update(no_key=True).get(pk=message_id)
+    Thread.objects.select_for_update().filter(pk=message.thread_id).values_list("pk").get()
+    return message
+
+
 def _existing_send(*, sender: User, client_msg_id: str, thread_id: int) -> Message | None:
     existing = Message.objects.filter(sender=sender, client_msg_id=client_msg_id).first()
     if existing is not None and existing.thread_id != thread_id:
@@ -154,7 +164,11 @@ def message_send(
                 from attachments.services import attachments_attach
 
                 attachments_attach(uploader=sender, message=message, attachment_ids=list(attachment_ids))
-            _own_message_read(thread_id=thread_id, user_id=sender.pk, seq=message.sequence)
+            marked = _own_message_read(thread_id=thread_id, user_id=sender.pk, seq=message.sequence)
+            if access.participant is not None and not marked:
+                # The sender's membership, read again under the thread's lock (a statement taken after
+                # it, so it sees a removal committed while this send waited): removed meanwhile.
+                raise NotFound("Thread not found.")
             _relations_known(message, sender=sender, attachments=bool(attachment_ids))
             thread_event_record(
                 thread_id=thread_id,
@@ -174,8 +188,9 @@ def message_send(
     return message, True
 
 
-def _own_message_read(*, thread_id: int, user_id: int, seq: int) -> None:
+def _own_message_read(*, thread_id: int, user_id: int, seq: int) -> bool:
     """The sender has read (and received) their own message: raise both marks to ``seq``.
+    False when the sender has no participant row (not, or no longer, a member).
 
     One plain statement (portable SQL, identifiers from the model's metadata): it runs under the
     thread's lock, where the ORM's expression compiling cost more than the write itself.
@@ -191,6 +206,7 @@ def _own_message_read(*, thread_id: int, user_id: int, seq: int) -> None:
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [seq, seq, seq, seq, thread_id, user_id])
+        return bool(cursor.rowcount)
 
 
 def _notification_kinds(*, message: Message, thread: Thread) -> dict[int, str]:
@@ -275,7 +291,7 @@ def message_edit(*, actor: User, message_id: int, body: str, expected_version: i
         policy.check_message_author(
             user=actor, author_id=message.sender_id, role=role, own=policy.Action.EDIT_OWN, other=None
         )
-        message = Message.objects.select_for_update().get(pk=message.pk)
+        message = _lock_message(message.pk)
         if message.is_deleted:
             raise Conflict("The message was deleted.", reason="deleted")
         merged = False
@@ -328,7 +344,7 @@ def message_delete(*, actor: User, message_id: int) -> Message:
             own=policy.Action.DELETE_OWN,
             other=policy.Action.MODERATE,
         )
-        message = Message.objects.select_for_update().get(pk=message.pk)
+        message = _lock_message(message.pk)
         if message.is_deleted:
             return message_get_with_relations(message_id=message.pk)
         removed_body = message.body
@@ -364,10 +380,20 @@ def message_delete(*, actor: User, message_id: int) -> Message:
 
 
 def _scrub_events(*, message_id: int, tombstone: dict[str, Any]) -> None:
+    """Take a deleted message's text out of the replayable log: its own events, and the excerpt that
+    the events of its replies quote."""
     for event in ThreadEvent.objects.filter(message_id=message_id):
         data = dict(event.payload.get("data", {}))
         if "message" in data:
             data["message"] = tombstone
+            event.payload = {**event.payload, "data": data}
+            event.save(update_fields=["payload"])
+    replies = Message.objects.filter(reply_to_id=message_id).values("pk")
+    for event in ThreadEvent.objects.filter(message_id__in=replies):
+        data = dict(event.payload.get("data", {}))
+        quoted = (data.get("message") or {}).get("reply_to")
+        if quoted and quoted.get("id") == message_id:
+            data["message"] = {**data["message"], "reply_to": {**quoted, "excerpt": "", "deleted": True}}
             event.payload = {**event.payload, "data": data}
             event.save(update_fields=["payload"])
     MessageEdit.objects.filter(message_id=message_id).update(previous_body="")
@@ -380,7 +406,7 @@ def message_restore(*, actor: User, message_id: int) -> Message:
     A message its author deleted is gone for good: Conflict.
     """
     message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.MODERATE)
-    message = Message.objects.select_for_update().get(pk=message.pk)
+    message = _lock_message(message.pk)
     if not message.is_deleted:
         return message
     entry = (
@@ -438,14 +464,20 @@ def _reaction_event(*, message: Message, type: str, actor: User, emoji: str) -> 
     )
 
 
+def _message_for_reaction(*, actor: User, message_id: int) -> Message:
+    """The message, locked: its state (deleted?) is read under the lock, so a reaction never lands on
+    a message deleted meanwhile."""
+    message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.REACT)
+    return _lock_message(message.pk)
+
+
 def reaction_add(*, actor: User, message_id: int, emoji: str) -> bool:
     """Add my reaction (idempotent: False if it was there). Broadcasts ``reaction.added``."""
     emoji = _check_emoji(emoji)
     with transaction.atomic():
-        message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.REACT)
+        message = _message_for_reaction(actor=actor, message_id=message_id)
         if message.is_deleted:
             raise Conflict("The message was deleted.", reason="deleted")
-        Thread.objects.select_for_update().filter(pk=message.thread_id).values_list("pk").get()
         _, created = Reaction.objects.get_or_create(message=message, user=actor, emoji=emoji)
         if created:
             _reaction_event(message=message, type="reaction.added", actor=actor, emoji=emoji)
@@ -456,8 +488,7 @@ def reaction_remove(*, actor: User, message_id: int, emoji: str) -> bool:
     """Remove my reaction (idempotent). Broadcasts ``reaction.removed``."""
     emoji = _check_emoji(emoji)
     with transaction.atomic():
-        message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.REACT)
-        Thread.objects.select_for_update().filter(pk=message.thread_id).values_list("pk").get()
+        message = _message_for_reaction(actor=actor, message_id=message_id)
         deleted, _ = Reaction.objects.filter(message=message, user=actor, emoji=emoji).delete()
         if deleted:
             _reaction_event(message=message, type="reaction.removed", actor=actor, emoji=emoji)

@@ -51,6 +51,14 @@ def write_event(protocol: Any, message: dict[str, Any], *, zipped: bool) -> None
         write_now(protocol.transport, frame.payloadHybi)
 
 
+def unsent_bytes(protocol: Any) -> int:
+    """Bytes written for this socket that its client has not taken yet (Twisted's buffers), plus
+    autobahn's queued frames counted at a nominal size: a client that stops reading makes it grow."""
+    transport = protocol.transport
+    buffered = len(getattr(transport, "dataBuffer", b"")) + int(getattr(transport, "_tempDataLen", 0))
+    return buffered + len(protocol.send_queue or ()) * 1024
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, written to the socket at once when nothing is waiting before it.
 

@@ -528,6 +528,69 @@ async def test_a_removed_member_stops_receiving_the_thread(alice: User, bob: Use
 
 
 @pytest.mark.smoke
+async def test_a_member_removed_and_added_back_resumes_across_the_removal(
+    alice: User, bob: User, thread: Thread
+) -> None:
+    """Offline while removed and added back: the backlog shows both, and the subscription stays."""
+    from threads.services import participant_add, participant_remove
+
+    before = (await db(Thread.objects.get)(pk=thread.pk)).last_sequence
+    await db(participant_remove)(actor=alice, thread_id=thread.pk, user_id=bob.pk)
+    missed = await send_message(alice, thread, "while you were out", "out-1")
+    await db(participant_add)(actor=alice, thread_id=thread.pk, user_id=bob.pk)
+    b = Socket(bob)
+    await b.connect()
+    ack = await b.subscribe(thread.pk, last_seq=before)
+    replayed = [f["type"] for f in b.frames if "seq" in f and "data" in f]
+    assert replayed == ["thread.participant_removed", "message.created", "thread.participant_added"]
+    assert ack["data"]["seq"] == before + 3
+    live = await send_message(alice, thread, "welcome back", "out-2")
+    event = await b.next("message.created", where=lambda f: f["seq"] == live.sequence)
+    assert event["data"]["message"]["body"] == "welcome back"
+    assert missed.sequence == before + 2
+    await b.close()
+
+
+@pytest.mark.smoke
+async def test_a_dropped_newest_event_arrives_with_the_next_heartbeat(
+    alice: User, bob: User, thread: Thread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer drops a thread's last event (no later one reveals the gap): the heartbeat's check
+    against the log sends it, once."""
+    from chatapp import broadcast
+
+    b = Socket(bob)
+    await b.connect()
+    await b.subscribe(thread.pk)
+    real_send = broadcast.group_send_now
+    monkeypatch.setattr(broadcast, "group_send_now", lambda group, message: group.startswith("user.") or None)
+    lost = await send_message(alice, thread, "dropped by the layer", "lost-1")
+    monkeypatch.setattr(broadcast, "group_send_now", real_send)
+    assert not [f for f in await b.drain(0.5) if f["type"] == "message.created"]
+    await realtime.beats.tick()
+    event = await b.next("message.created")
+    assert (event["seq"], event["data"]["message"]["body"]) == (lost.sequence, "dropped by the layer")
+    await realtime.beats.tick()  # nothing is missing any more: nothing is sent again
+    assert not [f for f in await b.drain(0.5) if f["type"] == "message.created"]
+    await b.close()
+
+
+@pytest.mark.smoke
+async def test_a_socket_too_far_behind_is_closed_with_1013(alice: User, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(realtime, "MAX_QUEUED_EVENTS", 5)
+    before = metrics.sockets_closed_behind._value.get()
+    sock = Socket(alice)
+    await sock.connect()
+    (consumer,) = [c for c in realtime.live if c.user_id == alice.pk]
+    for n in range(6):  # more than the socket's task can take in one turn of the loop
+        consumer.queue({"type": "chat.event", "thread_id": 10**9, "seq": n + 1, "text": "{}"})
+    with pytest.raises(Closed) as closed:
+        await sock.next("never")
+    assert closed.value.code == consumers.CLOSE_BEHIND
+    assert metrics.sockets_closed_behind._value.get() == before + 1
+
+
+@pytest.mark.smoke
 async def test_the_safety_net_drops_a_thread_when_only_the_thread_event_arrives(
     alice: User, bob: User, thread: Thread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
