@@ -24,6 +24,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from attachments.models import AttachmentKind
 from chatapp.errors import InvalidInput, TooLarge
 
+# Pillow warns from half its limit (set to half our cap in _check_pixels); our caps decide, not that.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 SNIFF_BYTES = 8192
 # Animated images may decode to at most this many times the per-frame pixel cap in total.
 ANIMATION_PIXEL_FACTOR = 4
@@ -241,17 +244,33 @@ def _refuse_image(detail: str = "The image could not be read.") -> Refused:
 
 
 def _check_pixels(im: Image.Image) -> None:
+    """Refuse what would take too many pixels to decode, before decoding it.
+
+    The header's size is not enough for an animation: a frame may be larger than the canvas the
+    header declares (Pillow grows the canvas when it reaches that frame). So every frame is visited
+    and its size checked, stopping as soon as a frame, or all frames so far, pass the caps; what
+    visiting decodes is bounded by the frames already checked. Pillow's own limit is set to the
+    same cap meanwhile (:func:`image_process`), so a frame it sizes while decoding fails there too.
+    """
     cap = settings.ATTACHMENT_MAX_IMAGE_PIXELS
-    width, height = im.size
-    if width < 1 or height < 1:
-        raise _refuse_image()
-    if width * height > cap:
-        raise TooLarge(
-            f"The image is {width}x{height} pixels; images are limited to {cap:,} pixels.", reason="too_many_pixels"
-        )
     frames = int(getattr(im, "n_frames", 1))
-    if frames * width * height > cap * ANIMATION_PIXEL_FACTOR:
-        raise TooLarge(f"The animation has too many frames ({frames}) for its size.", reason="too_many_pixels")
+    total = 0
+    for index in range(frames):
+        if index:
+            im.seek(index)
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise _refuse_image()
+        if width * height > cap:
+            raise TooLarge(
+                f"The image is {width}x{height} pixels; images are limited to {cap:,} pixels.",
+                reason="too_many_pixels",
+            )
+        total += width * height
+        if total > cap * ANIMATION_PIXEL_FACTOR:
+            raise TooLarge(f"The animation has too many frames ({frames}) for its size.", reason="too_many_pixels")
+    if frames > 1:
+        im.seek(0)
 
 
 def _save_clean(im: Image.Image, fmt: str, dest: Path) -> None:
@@ -293,18 +312,18 @@ def image_process(path: Path, ftype: FileType, *, workdir: Path) -> ProcessedIma
     """
     fmt = PIL_FORMATS[ftype.mime]
     dest = Path(tempfile.mkstemp(dir=workdir, suffix=f".{ftype.extension}")[1])
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    # Pillow raises DecompressionBombError past twice this: past our cap, wherever it sizes an image.
+    Image.MAX_IMAGE_PIXELS = max(1, (settings.ATTACHMENT_MAX_IMAGE_PIXELS + 1) // 2)
     try:
-        with warnings.catch_warnings():
-            # The explicit cap below decides; Pillow's own warning threshold is not ours.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=[fmt]) as im:
-                if im.format != fmt:
-                    raise _refuse_image()
-                _check_pixels(im)
-                im.load()
-                thumbnail = _thumbnail(im)
-                im.seek(0)
-                _save_clean(im, fmt, dest)
+        with Image.open(path, formats=[fmt]) as im:
+            if im.format != fmt:
+                raise _refuse_image()
+            _check_pixels(im)
+            im.load()
+            thumbnail = _thumbnail(im)
+            im.seek(0)
+            _save_clean(im, fmt, dest)
         with Image.open(dest) as stored:
             width, height = stored.size
     except Image.DecompressionBombError:
@@ -316,4 +335,6 @@ def image_process(path: Path, ftype: FileType, *, workdir: Path) -> ProcessedIma
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     return ProcessedImage(path=dest, width=width, height=height, thumbnail=thumbnail)

@@ -381,6 +381,48 @@ def test_animated_gif_keeps_its_frames_but_not_its_comment(
         assert (gif.format, getattr(gif, "n_frames", 1), gif.info["duration"]) == ("GIF", 3, 80)
 
 
+def frame_bomb_gif(width: int, height: int, frames: int = 1) -> bytes:
+    """A GIF whose header declares a 1x1 canvas, followed by ``frames`` frames of width x height:
+    the header alone understates what decoding it takes."""
+    import struct
+
+    def frame(w: int, h: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("P", (w, h), 0).save(out, "GIF", palette=b"\0\0\0\xff\xff\xff")
+        data = out.getvalue()
+        start = data.index(b",\x00\x00\x00\x00")  # its image descriptor, then the pixels
+        return b"!\xf9\x04\x00\x00\x00\x00\x00" + data[start:-1]
+
+    head = b"GIF89a" + struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    head += b"!\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    return head + frame(1, 1) + b"".join(frame(width, height) for _ in range(frames)) + b";"
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("width", "height", "frames"),
+    [
+        (400, 300, 1),  # one frame past the cap, behind a 1x1 header
+        (200, 200, 12),  # every frame under the cap, too many of them together (480,000 pixels)
+    ],
+)
+def test_animation_frames_larger_than_their_header_are_refused(
+    local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any, width: int, height: int, frames: int
+) -> None:
+    settings.ATTACHMENT_MAX_IMAGE_PIXELS = 100_000  # 4x that for a whole animation
+    bomb = frame_bomb_gif(width, height, frames)
+    with Image.open(io.BytesIO(bomb)) as header:
+        assert header.size == (1, 1)  # what the header says
+    refused = upload(api(bob), thread, "wave.gif", bomb)
+    assert refused.status_code == 413, refused.json()
+    assert error(refused)["reason"] == "too_many_pixels"
+    recorded = Attachment.objects.get()  # recorded as refused, nothing stored
+    assert recorded.scan_status == ScanStatus.REJECTED
+    assert storage.object_size(recorded.storage_key) is None
+    # Under the caps, the same shape of file is fine.
+    assert upload(api(bob), thread, "ok.gif", frame_bomb_gif(200, 200, 2)).status_code == 201
+
+
 @pytest.mark.smoke
 def test_attach_accepts_only_my_clean_unused_uploads(
     local_storage: Path, api: Api, alice: User, bob: User, thread: Thread
