@@ -9,8 +9,20 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from django.contrib.auth.signals import user_logged_out
+        from django.db.models.signals import post_save
 
         user_logged_out.connect(_signed_out, dispatch_uid="accounts.session_signed_out")
+        post_save.connect(_saved, sender=self.get_model("User"), dispatch_uid="accounts.password_changed")
+
+
+def _saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    # ``set_password`` leaves the new raw password on ``_password`` until ``save`` has run this
+    # signal (Django's own hook for password validators): a changed password, whoever changed it
+    # (``manage.py changepassword``, a reset), ends the credentials made with the old one.
+    if not created and getattr(instance, "_password", None) is not None:
+        from accounts.services import user_password_changed
+
+        user_password_changed(user=instance)
 
 
 def _signed_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth import authenticate
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import serializers
@@ -20,18 +19,7 @@ from rest_framework.views import APIView
 from accounts.services import user_token_issue, user_token_revoke
 from chatapp.api import StrictSerializer, TextField, current_user, error_responses, parse
 from chatapp.errors import Unauthenticated
-from chatapp.ratelimit import _check as rate_check
-from chatapp.ratelimit import api_rate_check, client_ip
-
-
-def _ip_key(group: str, request: Any) -> str:
-    return client_ip(request)
-
-
-def login_rate_check(request: Request) -> None:
-    """AUTH_TOKEN_RATE_PER_IP attempts per client IP, counted before the password is checked; else 429."""
-    # The same django-ratelimit check (and cache-outage policy) as every other API budget.
-    rate_check(request, group="auth.token", key=_ip_key, rate=settings.AUTH_TOKEN_RATE_PER_IP, scope="auth_token")
+from chatapp.ratelimit import api_rate_check, password_attempt_check
 
 
 class TokenOutputSerializer(serializers.Serializer):
@@ -57,7 +45,7 @@ class TokenApi(APIView):
 
     def check_throttles(self, request: Request) -> None:
         if request.method == "POST":
-            login_rate_check(request)
+            password_attempt_check(request)
         else:
             api_rate_check(request)
         super().check_throttles(request)

@@ -392,6 +392,17 @@ def local_session_id(session_key: str) -> str:
     return "local_" + hashlib.sha256(session_key.encode()).hexdigest()[:24]
 
 
+def user_password_changed(*, user: User) -> None:
+    """A new password ends what the old one opened: API tokens are deleted, and sockets signed in
+    with a session close (``user.password_changed``; Django already refuses those sessions on their
+    next request, their hash no longer matches). Sockets signed in through Clerk are not affected."""
+    from rest_framework.authtoken.models import Token
+
+    Token.objects.filter(user=user).delete()
+    AuditEntry.record(actor=None, action="user.password_changed", target=user)
+    user_event_on_commit(user_id=user.pk, type="user.password_changed", data={"id": user.pk})
+
+
 def session_signed_out(*, user_id: int, session_key: str | None) -> None:
     """A local sign-out: tell the user's sockets opened with that session to close (``session.revoked``).
 

@@ -7,6 +7,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from chatapp.views import password_attempts_limited
 from threads import policy
 
 
@@ -15,6 +16,8 @@ def _site_has_permission(request: HttpRequest) -> bool:
 
 
 admin.site.has_permission = _site_has_permission  # type: ignore[method-assign]
+# The admin's own sign-in form spends the same password budget as every other.
+admin.site.login = password_attempts_limited(admin.site.login)  # type: ignore[method-assign]
 admin.site.site_header = "chatapp moderation"
 admin.site.site_title = "chatapp admin"
 

@@ -62,3 +62,9 @@ def api_rate_check(request: HttpRequest) -> None:
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
         _check(request, group="api.user", key=_user_key, rate=settings.API_RATE_PER_USER, scope="api_user")
+
+
+def password_attempt_check(request: HttpRequest) -> None:
+    """``AUTH_TOKEN_RATE_PER_IP`` password attempts per client IP, one budget for every place a
+    password is typed (the API token, the sign-in page, the admin's), counted before it is checked."""
+    _check(request, group="auth.token", key=_ip_key, rate=settings.AUTH_TOKEN_RATE_PER_IP, scope="auth_token")

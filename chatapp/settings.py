@@ -304,6 +304,12 @@ CLERK_PUBLISHABLE_KEY = env_str("CLERK_PUBLISHABLE_KEY")
 CLERK_FRONTEND_API_URL = env_str("CLERK_FRONTEND_API_URL")
 CLERK_LEEWAY_SECONDS = env_int("CLERK_LEEWAY_SECONDS", 10)
 CLERK_ENABLED = bool(CLERK_ISSUER)
+if CLERK_ENABLED and not CLERK_AUTHORIZED_PARTIES and not (DEBUG or TESTING):
+    raise ImproperlyConfigured(
+        "CLERK_AUTHORIZED_PARTIES is required with CLERK_ISSUER (the origins of your pages, e.g. "
+        "https://chat.example.com): without it a session token minted for another site of the same "
+        "Clerk instance would be accepted here."
+    )
 
 # --- Chat limits (from the design) ----------------------------------------
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib.auth import views as auth_views
@@ -7,6 +9,9 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
+
+from chatapp.errors import RateLimited
+from chatapp.ratelimit import password_attempt_check
 
 
 def clerk_context() -> dict[str, object]:
@@ -23,8 +28,41 @@ def clerk_context() -> dict[str, object]:
     }
 
 
+def password_attempts_limited(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A sign-in form's POST spends the client address's password budget (shared with the API's
+    token login) before the password is checked; past it, 429 with Retry-After."""
+
+    @functools.wraps(view)
+    def limited(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method == "POST":
+            try:
+                password_attempt_check(request)
+            except RateLimited as exc:
+                response = HttpResponse(
+                    f"Too many sign-in attempts from your address. Try again in {exc.retry_after} seconds.",
+                    status=429,
+                    content_type="text/plain; charset=utf-8",
+                )
+                response["Retry-After"] = str(exc.retry_after)
+                return response
+        return view(request, *args, **kwargs)
+
+    return limited
+
+
 class LoginView(auth_views.LoginView):
-    """Django's login (local users and staff), with Clerk's sign-in beside it when configured."""
+    """Django's login (local users and staff), with Clerk's sign-in beside it when configured.
+    Password attempts are limited per client address like the API's token login."""
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            password_attempt_check(request)
+        except RateLimited as exc:
+            response = self.render_to_response(self.get_context_data(retry_after=exc.retry_after))
+            response.status_code = 429
+            response["Retry-After"] = str(exc.retry_after)
+            return response
+        return super().post(request, *args, **kwargs)
 
     def get_context_data(self, **kwargs: object) -> dict[str, object]:
         return {**super().get_context_data(**kwargs), **clerk_context()}

@@ -652,6 +652,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_DEACTIVATED)
         elif kind == "session.revoked" and event["data"].get("session_id") == self.scope.get("auth_session_id"):
             await self.close(code=CLOSE_UNAUTHENTICATED)  # signed out (or revoked in Clerk): sign in again
+        elif kind == "user.password_changed" and self.scope.get("auth_method") == "session":
+            await self.close(code=CLOSE_UNAUTHENTICATED)  # its session ended with the old password
 
     async def _replay(self, thread_id: int, upto: int | None = None, allowed_through: int = 0) -> None:
         """Send the logged events after ``high`` in order, a page at a time (up to ``upto`` at least).

@@ -194,3 +194,63 @@ def test_sessions_are_cached_in_redis(alice: User, settings: Any) -> None:
     cached = caches[settings.SESSION_CACHE_ALIAS].get(KEY_PREFIX + session_key)
     assert cached is not None
     assert str(cached["_auth_user_id"]) == str(alice.pk)
+
+
+@pytest.mark.smoke
+def test_sign_in_forms_share_the_password_budget(alice: User, settings: Any) -> None:
+    """The sign-in page and the admin's count password attempts per address like the token API."""
+    settings.AUTH_TOKEN_RATE_PER_IP = "3/h"  # hourly: a fixed window boundary inside the test is unlikely
+    page, admin_page = Client(), Client()
+    for _ in range(2):
+        wrong = page.post("/accounts/login/", {"username": "alice", "password": "nope"}, REMOTE_ADDR="10.7.7.7")
+        assert wrong.status_code == 200  # the form again, with its error
+    assert login("alice", "nope", REMOTE_ADDR="10.7.7.7").status_code == 401  # the third, through the API
+    refused = page.post("/accounts/login/", {"username": "alice", "password": PASSWORD}, REMOTE_ADDR="10.7.7.7")
+    assert refused.status_code == 429
+    assert int(refused["Retry-After"]) >= 1
+    assert b"Too many sign-in attempts" in refused.content
+    assert "_auth_user_id" not in page.session  # the right password did not sign in
+    admin_refused = admin_page.post(
+        "/admin/login/", {"username": "alice", "password": PASSWORD}, REMOTE_ADDR="10.7.7.7"
+    )
+    assert admin_refused.status_code == 429
+    # Another address has its own budget.
+    ok = Client().post("/accounts/login/", {"username": "alice", "password": PASSWORD}, REMOTE_ADDR="10.7.7.8")
+    assert ok.status_code == 302
+
+
+@pytest.mark.smoke
+def test_websocket_origins_default_to_our_exact_hosts_over_https(settings: Any) -> None:
+    from chatapp.ws_origin import allowed_origins
+
+    settings.WEBSOCKET_ALLOWED_ORIGINS = []
+    settings.ALLOWED_HOSTS = ["chat.example.com", ".example.com", "*"]
+    settings.DEBUG, settings.TESTING = False, False
+    assert allowed_origins() == ["https://chat.example.com"]
+    settings.DEBUG = True
+    assert allowed_origins() == ["chat.example.com"]  # development: any scheme
+    settings.WEBSOCKET_ALLOWED_ORIGINS = ["https://app.example.com"]
+    assert allowed_origins() == ["https://app.example.com"]
+
+
+@pytest.mark.smoke
+def test_clerk_without_authorized_parties_does_not_start_in_production() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "CHATAPP_TESTING", "DJANGO_DEBUG"))},
+        "DJANGO_SETTINGS_MODULE": "chatapp.settings",
+        "DJANGO_SECRET_KEY": "x" * 50,
+        "DJANGO_ALLOWED_HOSTS": "chat.example.com",
+        "CHATAPP_TESTING": "0",
+        "CLERK_ISSUER": "https://example.clerk.accounts.dev",
+    }
+    code = "import django; django.setup()"
+    refused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "CLERK_AUTHORIZED_PARTIES is required" in refused.stderr
+    env["CLERK_AUTHORIZED_PARTIES"] = "https://chat.example.com"
+    started = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr

@@ -671,6 +671,44 @@ async def test_signing_out_closes_the_sockets_of_that_session_only(alice: User) 
     await staying.close()
 
 
+@pytest.mark.smoke
+async def test_a_password_change_closes_session_sockets_and_ends_api_tokens(alice: User) -> None:
+    from django.test import Client
+    from rest_framework.authtoken.models import Token
+
+    from accounts.services import user_token_issue
+
+    browser = Client()
+    await sync_to_async(browser.force_login)(alice)
+    sock = await Socket.signed_in(alice, browser.cookies["sessionid"].value)
+    await db(user_token_issue)(user=alice)
+
+    def change_password() -> None:  # what ``manage.py changepassword`` does
+        user = User.objects.get(pk=alice.pk)
+        user.set_password("a-new-Passw0rd!")
+        user.save()
+
+    await db(change_password)()
+    assert (await sock.next("user.password_changed"))["data"] == {"id": alice.pk}
+    with pytest.raises(Closed) as closed:
+        await sock.next("never")
+    assert closed.value.code == consumers.CLOSE_UNAUTHENTICATED
+    assert not await db(Token.objects.filter(user=alice).exists)()
+    # A profile save without a new password ends nothing.
+    other = Client()
+    await sync_to_async(other.force_login)(await db(User.objects.get)(pk=alice.pk))
+    kept = await Socket.signed_in(alice, other.cookies["sessionid"].value)
+    await db(services_user_rename)(alice.pk)
+    assert (await kept.request("ping"))["type"] == "pong"
+    await kept.close()
+
+
+def services_user_rename(user_id: int) -> None:
+    from accounts.services import user_update_profile
+
+    user_update_profile(user=User.objects.get(pk=user_id), display_name="Alice B")
+
+
 async def test_open_sockets_share_the_processs_redis_connections(make_user: Callable[..., User]) -> None:
     """Each socket's context gets its own Django cache object; they must not each open a Redis client."""
     import redis
