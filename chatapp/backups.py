@@ -72,9 +72,13 @@ class LocalStore:
     def put(self, name: str, source: Path) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = self.folder / f".{name}.partial"
-        shutil.copyfile(source, partial)
-        partial.chmod(0o600)  # a backup holds every message
-        os.replace(partial, self.folder / name)
+        try:
+            shutil.copyfile(source, partial)
+            partial.chmod(0o600)  # a backup holds every message
+            os.replace(partial, self.folder / name)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
     def get(self, name: str, target: Path) -> None:
         source = self.folder / name
@@ -260,7 +264,19 @@ def pg_tool(tool: str, server_major: int) -> str:
 
 
 def _run(argv: list[str], env: dict[str, str], what: str) -> None:
-    result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=settings.BACKUP_TOOL_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        # A hung pg_dump would hold the scheduler's backup job (it never overlaps itself) forever.
+        raise BackupError(f"{what} did not finish in {settings.BACKUP_TOOL_TIMEOUT_SECONDS} s") from None
     if result.returncode != 0:
         raise BackupError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
 

@@ -186,7 +186,9 @@ def _database_from_url(url: str) -> dict[str, Any]:
     config["ENGINE"] = "django.db.backends.postgresql"
     # Django's psycopg 3 pool owns the connections, so persistent connections are off.
     config["CONN_MAX_AGE"] = 0
+    # Merged, not replaced: the URL's own options (sslmode=, sslrootcert=...) stay.
     config["OPTIONS"] = {
+        **config.get("OPTIONS", {}),
         "pool": {"min_size": 1, "max_size": DB_POOL_MAX_SIZE, "timeout": 10},
         "options": f"-c statement_timeout={DB_STATEMENT_TIMEOUT_MS}",
     }
@@ -228,6 +230,8 @@ if REDIS_URL:
         _redis.port  # noqa: B018
     except ValueError as exc:
         raise ImproperlyConfigured(f"REDIS_URL has a malformed port: {exc}") from None
+    # The channel layer's keys, and the real-time state's (presence, connection counts, typing).
+    CHANNEL_PREFIX = env_str("CHATAPP_CHANNEL_PREFIX", "chatapp")
     CHANNEL_LAYERS = {
         "default": {
             # Pub/sub: measured to carry more at less CPU per delivery (docs/benchmarks.md).
@@ -236,7 +240,7 @@ if REDIS_URL:
                 "hosts": [{"address": REDIS_URL, "max_connections": REDIS_MAX_CONNECTIONS}],
                 "capacity": env_int("CHATAPP_CHANNEL_CAPACITY", 1000),
                 "expiry": 60,
-                "prefix": env_str("CHATAPP_CHANNEL_PREFIX", "chatapp"),
+                "prefix": CHANNEL_PREFIX,
             },
         }
     }
@@ -421,6 +425,8 @@ METRICS_TOKEN = env_str("CHATAPP_METRICS_TOKEN")
 BACKUP_DIR = env_str("CHATAPP_BACKUP_DIR")
 BACKUP_BUCKET = env_str("CHATAPP_BACKUP_BUCKET")
 BACKUP_KEEP = env_int("CHATAPP_BACKUP_KEEP", 7)
+# pg_dump / pg_restore may take this long before the backup (or restore) fails.
+BACKUP_TOOL_TIMEOUT_SECONDS = env_int("CHATAPP_BACKUP_TOOL_TIMEOUT", 3 * 3600)
 # Folder holding pg_dump/pg_restore, when not /usr/lib/postgresql/<server major>/bin or on PATH.
 PG_BIN_DIR = env_str("CHATAPP_PG_BIN_DIR")
 
@@ -491,6 +497,8 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Django's own console handler (DEBUG only) would print each django.* line a second time.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
         "django.db.backends": {"level": "INFO"},
         "chatapp.slow_query": {"level": "WARNING"},
         # The scheduler logs each job itself; APScheduler's per-run lines are noise.

@@ -5,7 +5,7 @@ Presence and the connection limit live in Redis (``REDIS_URL``) so every daphne 
 the same numbers; on the embedded default an in-process store stands in. Nothing here writes
 to the database; presence reads a user's threads and a thread's members.
 
-Redis keys (prefix ``chatapp:rt:``):
+Redis keys (prefix ``<CHATAPP_CHANNEL_PREFIX>:rt:``, ``chatapp:rt:`` by default):
 
 - ``conns:<user_id>`` sorted set: connection id -> expiry (epoch seconds), refreshed by heartbeats.
   A user is online while one entry has not expired; the connection limit counts live entries.
@@ -44,7 +44,7 @@ from threads.models import Thread, ThreadEvent, ThreadParticipant
 
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "chatapp:rt:"
+KEY_PREFIX = f"{getattr(settings, 'CHANNEL_PREFIX', 'chatapp')}:rt:"
 # The design's limits (see docs/realtime.md).
 MAX_FRAME_BYTES = 100 * 1024
 BACKLOG_PAGE = 500

@@ -88,13 +88,15 @@ def _clear_cache() -> None:
     also wipe the channel layer's groups and the presence keys a live server relies on."""
     from django.core.cache import cache
 
+    from messaging import realtime
+
     if settings.CACHES["default"]["BACKEND"].endswith("RedisCache"):
         client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
         prefix = settings.CACHES["default"].get("KEY_PREFIX", "")
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         # Presence and typing state of earlier tests' sockets goes too (not the channel layer's groups).
-        keys += list(client.scan_iter(match="chatapp:rt:conns*", count=1000))
-        keys += list(client.scan_iter(match="chatapp:rt:typing*", count=1000))
+        keys += list(client.scan_iter(match=f"{realtime.KEY_PREFIX}conns*", count=1000))
+        keys += list(client.scan_iter(match=f"{realtime.KEY_PREFIX}typing*", count=1000))
         if keys:
             client.delete(*keys)
     else:

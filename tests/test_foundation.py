@@ -145,3 +145,15 @@ def test_malformed_service_urls_stop_start_up_naming_the_variable(name: str, val
     )
     assert result.returncode != 0
     assert name in result.stderr
+
+
+@pytest.mark.smoke
+def test_database_url_options_are_kept_beside_the_pool() -> None:
+    """``?sslmode=require`` in DATABASE_URL reaches psycopg: the pool settings are added, not swapped in."""
+    from chatapp.settings import _database_from_url
+
+    config = _database_from_url("postgres://u:pw@db.example:5432/chat?sslmode=require&sslrootcert=/ca.pem")
+    assert config["OPTIONS"]["sslmode"] == "require"
+    assert config["OPTIONS"]["sslrootcert"] == "/ca.pem"
+    assert config["OPTIONS"]["pool"]["max_size"] >= 1
+    assert config["OPTIONS"]["options"].startswith("-c statement_timeout=")

@@ -127,3 +127,28 @@ def test_backup_job_runs_backup_db(settings: Any, tmp_path: Path) -> None:
 def test_cleanup_job_runs_the_attachments_command() -> None:
     assert "cleanup_attachments" in get_commands()
     call_command("run_scheduler", "--once", "cleanup_attachments")
+
+
+@pytest.mark.django_db
+def test_a_scheduled_occurrence_runs_once_across_schedulers(monkeypatch: Any) -> None:
+    """Two schedulers (started by mistake) fire the same occurrence: the shared cache lets one run it."""
+    runs: list[str] = []
+
+    def backup() -> bool:
+        runs.append("backup")
+        return True
+
+    monkeypatch.setitem(run_scheduler.JOBS, "backup_db", backup)
+    assert run_scheduler.run_scheduled("backup_db") is True
+    assert run_scheduler.run_scheduled("backup_db") is False  # the other scheduler, same occurrence
+    assert runs == ["backup"]
+    assert run_scheduler.run_job("backup_db") is True  # `--once` claims nothing: it always runs
+    assert runs == ["backup", "backup"]
+
+
+def test_a_hung_backup_tool_fails_the_backup(settings: Any) -> None:
+    from chatapp.backups import BackupError, _run
+
+    settings.BACKUP_TOOL_TIMEOUT_SECONDS = 1
+    with pytest.raises(BackupError, match="did not finish in 1 s"):
+        _run(["sleep", "30"], {}, "pg_dump")

@@ -96,6 +96,27 @@ def run_job(name: str) -> bool:
     return ok
 
 
+# How long a scheduled run keeps its claim (shorter than the job's interval): a second scheduler
+# started by mistake finds the occurrence claimed and skips it, instead of running it again.
+CLAIM_SECONDS = {"presence_expire": 20, "cleanup_attachments": 600, "backup_db": 3600}
+
+
+def run_scheduled(name: str) -> bool:
+    """A scheduled occurrence of ``name``: claimed in the shared cache first (Redis when configured,
+    so across processes and hosts), then run. False when another scheduler had claimed it."""
+    from django.core.cache import cache
+
+    try:
+        claimed = cache.add(f"chatapp:scheduler:{name}", new_id(), timeout=CLAIM_SECONDS.get(name, 60))
+    except Exception:
+        logger.warning("could not claim job %s (cache down); running it", name, exc_info=True)
+        claimed = True
+    if not claimed:
+        logger.info("job %s skipped: another scheduler ran this occurrence", name, extra={"job": name})
+        return False
+    return run_job(name)
+
+
 def job_triggers() -> dict[str, BaseTrigger]:
     """The enabled jobs and when they run (UTC)."""
     triggers: dict[str, BaseTrigger] = {}
@@ -127,7 +148,7 @@ def build_scheduler(scheduler_class: type[BaseScheduler] = BlockingScheduler) ->
                 settings.PRESENCE_EXPIRE_FUNCTION,
             )
             continue
-        scheduler.add_job(run_job, trigger=trigger, args=[name], id=name, name=name)
+        scheduler.add_job(run_scheduled, trigger=trigger, args=[name], id=name, name=name)
     return scheduler
 
 
