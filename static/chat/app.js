@@ -28,7 +28,7 @@
     presence: new Map(), // user id -> bool
     typing: new Map(), // thread id -> Map(user id -> {name, until})
     replyTo: null,
-    uploads: [], // {file, id, progress, error, done}
+    uploads: new Map(), // thread id -> [{file, id, progress, error, done}]: each thread's composer has its own
     loadingOlder: false,
     threadsLoaded: false, // false until the thread list has loaded once (it fails offline without a cached copy)
     openedOffline: null, // id of the thread opened without its detail (offline, nothing cached): loads on reconnect
@@ -122,15 +122,35 @@
   }
 
   // ---------------------------------------------------------------- socket
+  const DEFAULT_MAX_FRAME_BYTES = 100 * 1024; // until "ready" says (docs/realtime.md)
+  const STABLE_MS = 10000; // connected this long after "ready": the backoff starts again from the bottom
+  const TOO_MANY_WAIT_MS = 30000; // after 4429 (too many sockets of mine): another tab has to close first
+  const HANDSHAKE_FAILURES_BEFORE_AUTH_CHECK = 3;
+
+  function utf8Length(text) {
+    return new TextEncoder().encode(text).length;
+  }
+
+  function socketError(message, code) {
+    const error = new Error(message);
+    error.code = code;
+    return error;
+  }
+
   class Socket {
     constructor() {
       this.ws = null;
-      this.attempt = 0;
-      this.requests = new Map(); // request id -> {resolve, reject}
+      this.attempt = 0; // consecutive reconnects without a stable connection: the backoff's exponent
+      this.handshakeFailures = 0; // consecutive sockets that closed without ever opening
+      this.requests = new Map(); // request id -> {resolve, reject, size}
       this.nextId = 1;
       this.heartbeat = null;
       this.retryTimer = null;
+      this.stableTimer = null;
       this.connected = false;
+      this.stopped = false; // signed out or deactivated: no more reconnecting
+      this.maxFrameBytes = DEFAULT_MAX_FRAME_BYTES;
+      this.inbox = Promise.resolve(); // incoming frames, handled one after the other in arrival order
       this.handlers = {};
     }
 
@@ -138,42 +158,123 @@
       this.handlers[type] = handler;
     }
 
+    emit(type, ...args) {
+      const handler = this.handlers[type];
+      return handler ? handler(...args) : undefined;
+    }
+
     connect() {
       // One socket at a time: the "online" event and a pending backoff retry may both ask.
       clearTimeout(this.retryTimer);
       this.retryTimer = null;
+      if (this.stopped) return;
       if (this.ws && (this.ws.readyState === WebSocket.CONNECTING || this.ws.readyState === WebSocket.OPEN)) return;
       if (navigator.onLine === false) {
         // No network at all: wait for the browser's "online" event (bind() reconnects then).
-        (this.handlers.offline || (() => {}))();
+        this.emit("offline");
         return;
       }
       const scheme = location.protocol === "https:" ? "wss:" : "ws:";
       const ws = new WebSocket(scheme + "//" + location.host + config.ws_path, ["chatapp.v1"]);
       ws.binaryType = "arraybuffer";
       this.ws = ws;
+      let opened = false;
       ws.addEventListener("open", () => {
+        if (this.ws !== ws) return;
+        opened = true;
         this.connected = true;
-        this.attempt = 0;
+        this.handshakeFailures = 0;
+        // The backoff is not reset here: a socket can be accepted and closed at once (4429), or fall
+        // behind soon after (1013). It is reset once the connection has been ready and stable a while.
+        this.maxFrameBytes = DEFAULT_MAX_FRAME_BYTES;
         this.send({ type: "hello", compress: "DecompressionStream" in window ? "deflate-raw" : "none" }, false);
         clearInterval(this.heartbeat);
-        this.heartbeat = setInterval(() => this.send({ type: "ping" }, false), config.heartbeat_seconds * 1000);
-        (this.handlers.open || (() => {}))();
+        this.heartbeat = setInterval(() => this.send({ type: "ping" }, false).catch(() => {}), config.heartbeat_seconds * 1000);
+        this.emit("open");
       });
-      ws.addEventListener("message", (event) => this.receive(event.data));
+      ws.addEventListener("message", (event) => {
+        if (this.ws !== ws) return;
+        // Strictly in arrival order: a compressed frame takes a moment to inflate, and a smaller
+        // event after it (a reaction to that very message) must not overtake it.
+        this.inbox = this.inbox
+          .then(() => this.receive(event.data))
+          .catch((error) => setTimeout(() => { throw error; })); // reported, and the next frames still run
+      });
       ws.addEventListener("close", (event) => {
         if (this.ws !== ws) return;
         this.connected = false;
         clearInterval(this.heartbeat);
-        for (const { reject } of this.requests.values()) reject(new Error("connection closed"));
-        this.requests.clear();
-        (this.handlers.close || (() => {}))(event);
-        if (event.code === 4401 || event.code === 4403) return; // signed out or deactivated: don't retry
-        const delay = Math.min(30000, 500 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
-        this.attempt += 1;
-        (this.handlers.retry || (() => {}))(delay);
-        this.retryTimer = setTimeout(() => this.connect(), delay);
+        clearTimeout(this.stableTimer);
+        this.stableTimer = null;
+        this.failRequests(event.code);
+        this.emit("close", event);
+        if (event.code === 4401 || event.code === 4403) {
+          this.stop(); // signed out or deactivated: don't retry
+          return;
+        }
+        if (!opened) this.handshakeFailures += 1;
+        if (this.handshakeFailures >= HANDSHAKE_FAILURES_BEFORE_AUTH_CHECK && this.handlers.authcheck) {
+          // The browser shows a refused handshake (e.g. an expired session: 4401 before accept) as
+          // 1006, like a network failure: ask the API whether we are still signed in before retrying.
+          Promise.resolve(this.emit("authcheck")).then(
+            (signedOut) => (signedOut ? this.stop(4401) : this.scheduleRetry(event.code)),
+            () => this.scheduleRetry(event.code),
+          );
+        } else {
+          this.scheduleRetry(event.code);
+        }
       });
+    }
+
+    scheduleRetry(code) {
+      if (this.stopped || this.retryTimer) return;
+      let delay;
+      if (code === 1012 && this.attempt === 0) {
+        delay = Math.random() * 250; // the server is restarting: another process takes us at once
+      } else {
+        delay = Math.min(30000, 500 * 2 ** this.attempt) * (0.5 + Math.random() / 2);
+      }
+      if (code === 4429) delay = Math.max(delay, TOO_MANY_WAIT_MS * (1 + Math.random() / 2));
+      this.attempt += 1;
+      this.emit("retry", delay, code);
+      this.retryTimer = setTimeout(() => this.connect(), delay);
+    }
+
+    // Reconnect now (the banner's button), whatever the backoff was waiting for.
+    reconnectNow() {
+      if (this.stopped) return;
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+      this.connect();
+    }
+
+    stop(code = null) {
+      this.stopped = true;
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+      if (code !== null) this.emit("signedout", code);
+    }
+
+    failRequests(code) {
+      // A 1009 close answers the frame that was too large: the biggest one still waiting for its reply.
+      let culprit = null;
+      if (code === 1009) {
+        for (const [id, request] of this.requests) if (!culprit || request.size > this.requests.get(culprit).size) culprit = id;
+      }
+      for (const [id, { reject }] of this.requests) {
+        reject(id === culprit ? socketError("This message is too large to send.", "frame_too_large") : new Error("connection closed"));
+      }
+      this.requests.clear();
+    }
+
+    onReady(frame) {
+      const data = frame.data || {};
+      if (data.max_frame_bytes) this.maxFrameBytes = data.max_frame_bytes;
+      clearTimeout(this.stableTimer);
+      const ws = this.ws;
+      this.stableTimer = setTimeout(() => {
+        if (this.ws === ws && this.connected) this.attempt = 0;
+      }, STABLE_MS);
     }
 
     async receive(data) {
@@ -195,21 +296,33 @@
         else reject(frame.error || frame);
         return;
       }
+      if (frame.type === "ready") this.onReady(frame);
       const handler = this.handlers[frame.type] || this.handlers["*"];
-      if (handler) handler(frame);
+      if (handler) handler(frame); // not awaited: a handler's own requests do not hold up the next frame
+    }
+
+    // Whether a frame fits in what the server takes (its size once encoded: JSON escaping can make
+    // a frame far larger than the text it carries); a frame over it closes the socket with 1009.
+    fits(frame) {
+      return utf8Length(JSON.stringify({ ...frame, id: "r" + this.nextId })) <= this.maxFrameBytes;
     }
 
     send(frame, expectAck = true) {
       if (!this.connected) return Promise.reject(new Error("offline"));
       if (!expectAck) {
-        this.ws.send(JSON.stringify(frame));
+        const text = JSON.stringify(frame);
+        if (utf8Length(text) > this.maxFrameBytes) return Promise.reject(socketError("The frame is too large.", "frame_too_large"));
+        this.ws.send(text);
         return Promise.resolve(null);
       }
       const id = "r" + this.nextId++;
       frame.id = id;
+      const text = JSON.stringify(frame);
+      const size = utf8Length(text);
+      if (size > this.maxFrameBytes) return Promise.reject(socketError("This message is too large to send.", "frame_too_large"));
       return new Promise((resolve, reject) => {
-        this.requests.set(id, { resolve, reject });
-        this.ws.send(JSON.stringify(frame));
+        this.requests.set(id, { resolve, reject, size });
+        this.ws.send(text);
         setTimeout(() => {
           if (this.requests.has(id)) {
             this.requests.delete(id);
@@ -274,6 +387,35 @@
     if (socket.connected) subscribeAll();
   }
 
+  // A message for a thread the list does not have (further down than the pages loaded, or not in
+  // this tab: the Archived one lists none of the active threads the socket still follows). The list
+  // is read again once for it, not once per message: a thread still missing after that is left out
+  // until the list changes (a tab switch, a new thread).
+  const unlisted = new Set();
+  const listWanted = new Set();
+  let listReload = null;
+
+  function threadNotListed(threadId) {
+    if (state.threads.has(threadId) || unlisted.has(threadId)) return;
+    listWanted.add(threadId);
+    if (listReload) return;
+    listReload = setTimeout(async () => {
+      const wanted = [...listWanted];
+      listWanted.clear();
+      try {
+        await loadThreads();
+        for (const id of wanted) if (!state.threads.has(id)) unlisted.add(id);
+      } catch (_) {
+        // Offline: the next message asks again.
+      } finally {
+        listReload = null;
+      }
+      const more = [...listWanted];
+      listWanted.clear();
+      for (const id of more) threadNotListed(id);
+    }, 1000);
+  }
+
   function renderThreadList() {
     const list = $("thread-list");
     list.replaceChildren();
@@ -321,6 +463,7 @@
     if (location.hash !== "#thread-" + threadId) history.replaceState(null, "", "#thread-" + threadId);
     state.replyTo = null;
     $("reply-preview").hidden = true;
+    renderUploads();
     // Until this thread's details have loaded, nothing may use the previous thread's (its members,
     // my role there, its header): the Members button comes back in renderHeader.
     if (state.detail && state.detail.id !== threadId) state.detail = null;
@@ -603,9 +746,10 @@
   async function send() {
     const input = $("input");
     const body = input.value;
-    const ready = state.uploads.filter((u) => u.done && u.id);
+    const uploads = threadUploads(state.current);
+    const ready = uploads.filter((u) => u.done && u.id);
     if (!state.current || (!body.trim() && !ready.length)) return;
-    if (state.uploads.some((u) => !u.done && !u.error)) {
+    if (uploads.some((u) => !u.done && !u.error)) {
       toast("Wait for the uploads to finish.");
       return;
     }
@@ -626,13 +770,24 @@
     outboxSave();
     input.value = "";
     autoGrow();
-    state.uploads = [];
+    state.uploads.delete(item.threadId);
     renderUploads();
     state.replyTo = null;
     $("reply-preview").hidden = true;
     stopTyping();
     renderMessages({ stick: true });
     await deliver(item);
+  }
+
+  function sendFrame(item) {
+    return {
+      type: "message.send",
+      thread_id: item.threadId,
+      body: item.body,
+      client_msg_id: item.clientMsgId,
+      reply_to: item.replyTo,
+      attachment_ids: item.attachmentIds,
+    };
   }
 
   async function deliver(item) {
@@ -643,24 +798,37 @@
       return;
     }
     item.status = "pending";
+    const frame = sendFrame(item);
     try {
-      const ack = await socket.send({
-        type: "message.send",
-        thread_id: item.threadId,
-        body: item.body,
-        client_msg_id: item.clientMsgId,
-        reply_to: item.replyTo,
-        attachment_ids: item.attachmentIds,
-      });
+      let stored = null;
+      if (item.viaRest || !socket.fits(frame)) {
+        // Too large for a socket frame once JSON-escaped (quotes, backslashes, control characters):
+        // the API takes it, under the same client message id (a retry returns the original).
+        stored = await api("POST", "/threads/" + item.threadId + "/messages", {
+          body: item.body,
+          client_msg_id: item.clientMsgId,
+          reply_to: item.replyTo,
+          attachment_ids: item.attachmentIds,
+        });
+      } else {
+        const ack = await socket.send(frame);
+        item.seq = ack && (ack.seq || (ack.data && ack.data.seq));
+      }
       item.status = "sent";
-      item.seq = ack && (ack.seq || (ack.data && ack.data.seq));
       state.pending.delete(item.clientMsgId);
+      if (stored && stored.id) applyMessage(stored);
     } catch (error) {
-      if (error && error.message && (error.message === "offline" || error.message === "connection closed" || error.message === "timeout")) {
+      const message = error && error.message;
+      if (error && error.code === "frame_too_large") {
+        // The server closed the socket on it (1009): never sent that way again. Retry goes through the API.
+        item.status = "failed";
+        item.viaRest = true;
+        toast("This message is too large to send over the live connection. Use Retry to send it another way.", "error");
+      } else if (message === "offline" || message === "connection closed" || message === "timeout" || (error instanceof TypeError)) {
         item.status = "queued"; // sent again on reconnect; the client_msg_id makes it once
       } else {
         item.status = "failed";
-        toast((error && error.message) || "The message could not be sent.", "error");
+        toast(message || "The message could not be sent.", "error");
       }
     }
     outboxSave();
@@ -804,6 +972,8 @@
   function applyMessage(message) {
     const store = threadMessages(message.thread_id);
     const old = store.get(message.seq);
+    // An update older than the copy held (a REST answer overtaken by a live event) changes nothing.
+    if (old && typeof old.version === "number" && typeof message.version === "number" && message.version < old.version) return;
     store.set(message.seq, message);
     if (message.client_msg_id && message.sender.id === me.id) {
       const pending = state.pending.get(message.client_msg_id);
@@ -844,13 +1014,25 @@
           }
           renderThreadList();
         }
-        if (!thread) loadThreads();
+        if (!thread) threadNotListed(threadId);
         break;
       }
       case "message.updated":
-      case "message.deleted":
         applyMessage(data.message);
         break;
+      case "message.deleted": {
+        applyMessage(data.message);
+        // Replies loaded before the delete quote its text: they quote a deleted message now.
+        let changed = false;
+        for (const reply of threadMessages(threadId).values()) {
+          if (reply.reply_to && reply.reply_to.id === data.message.id && !reply.reply_to.deleted) {
+            reply.reply_to = { ...reply.reply_to, excerpt: "", deleted: true };
+            changed = true;
+          }
+        }
+        if (changed && threadId === state.current) renderMessages({ stick: false });
+        break;
+      }
       case "reaction.added":
       case "reaction.removed": {
         for (const store of [threadMessages(threadId)]) {
@@ -885,6 +1067,7 @@
   function dropThread(threadId, why) {
     state.threads.delete(threadId);
     state.messages.delete(threadId);
+    state.uploads.delete(threadId);
     if (state.current === threadId) {
       state.current = null;
       state.detail = null;
@@ -897,16 +1080,23 @@
     renderThreadList();
   }
 
+  let detailRequests = 0;
+
   async function refreshDetail() {
-    if (!state.current) return;
+    const threadId = state.current;
+    if (!threadId) return;
+    const request = ++detailRequests;
     try {
-      state.detail = await api("GET", "/threads/" + state.current);
+      const detail = await api("GET", "/threads/" + threadId);
+      // Another thread opened meanwhile, or a newer refresh was asked for: this answer is stale.
+      if (state.current !== threadId || request !== detailRequests) return;
+      state.detail = detail;
       renderHeader();
       renderMessages({ stick: false });
       // Someone changed my role or the members while the dialog is open: show what I may do now.
       if ($("members-dialog").open) renderMembers();
     } catch (error) {
-      if (error.status === 404) dropThread(state.current, "You are no longer in this conversation.");
+      if (error.status === 404) dropThread(threadId, "You are no longer in this conversation.");
     }
   }
 
@@ -1112,23 +1302,36 @@
   }
 
   // ---------------------------------------------------------------- attachments
+  function threadUploads(threadId) {
+    return state.uploads.get(threadId) || [];
+  }
+
+  // The open thread's uploads: each thread keeps its own until they are sent with a message there.
   function renderUploads() {
     const list = $("uploads");
-    list.replaceChildren(...state.uploads.map((u, index) => el("li", { class: "upload" + (u.error ? " error" : u.done ? " done" : "") },
+    const uploads = threadUploads(state.current);
+    list.replaceChildren(...uploads.map((u) => el("li", { class: "upload" + (u.error ? " error" : u.done ? " done" : "") },
       el("span", { text: u.file.name }),
       u.error ? el("span", { class: "error", text: " " + u.error }) : el("progress", { max: "100", value: String(u.progress), "aria-label": "Upload progress" }),
-      el("button", { type: "button", class: "icon-btn", "aria-label": "Remove " + u.file.name, onclick: () => { state.uploads.splice(index, 1); renderUploads(); } }, "✕"))));
+      el("button", { type: "button", class: "icon-btn", "aria-label": "Remove " + u.file.name, onclick: () => {
+        const index = uploads.indexOf(u);
+        if (index >= 0) uploads.splice(index, 1);
+        renderUploads();
+      } }, "✕"))));
   }
 
   function uploadFiles(files) {
-    if (!state.current) return;
+    const threadId = state.current;
+    if (!threadId) return;
+    if (!state.uploads.has(threadId)) state.uploads.set(threadId, []);
+    const uploads = state.uploads.get(threadId);
     for (const file of files) {
       const entry = { file, id: null, progress: 0, error: null, done: false };
-      state.uploads.push(entry);
+      uploads.push(entry);
       const form = new FormData();
       form.append("file", file, file.name);
       const xhr = new XMLHttpRequest();
-      xhr.open("POST", config.api + "/threads/" + state.current + "/attachments");
+      xhr.open("POST", config.api + "/threads/" + threadId + "/attachments");
       xhr.setRequestHeader("X-CSRFToken", cookie("csrftoken"));
       xhr.setRequestHeader("Accept", "application/json");
       xhr.upload.addEventListener("progress", (e) => {
@@ -1232,9 +1435,13 @@
 
   async function memberAction(call) {
     $("mb-error").textContent = "";
+    const threadId = state.current;
     try {
       await call();
-      state.detail = await api("GET", "/threads/" + state.current);
+      const request = ++detailRequests;
+      const detail = await api("GET", "/threads/" + threadId);
+      if (state.current !== threadId || request !== detailRequests) return;
+      state.detail = detail;
       renderMembers();
       renderHeader();
     } catch (error) {
@@ -1443,6 +1650,7 @@
 
   async function switchTab(archived) {
     state.archived = archived;
+    unlisted.clear();
     $("tab-active").setAttribute("aria-selected", String(!archived));
     $("tab-archived").setAttribute("aria-selected", String(archived));
     await loadThreads();
@@ -1451,11 +1659,17 @@
   // ---------------------------------------------------------------- connection banner
   const OFFLINE_TEXT = "You are offline. Messages you write are sent when the connection returns.";
 
-  function banner(text, kind) {
+  function banner(text, kind, ...actions) {
     const node = $("conn-banner");
-    node.textContent = text || "";
+    node.replaceChildren(text || "", ...actions.map((action) => [" ", action]).flat());
     node.className = "conn-banner " + (kind || "");
     node.hidden = !text;
+  }
+
+  function signedOutBanner(code) {
+    const signIn = el("a", { class: "link-btn", href: "/accounts/login/?next=" + encodeURIComponent(location.pathname), text: "Sign in" });
+    if (code === 4403) banner("Your account was deactivated.", "error");
+    else banner("Your session ended. Sign in again.", "error", signIn);
   }
 
   socket.on("open", async () => {
@@ -1474,12 +1688,24 @@
     document.body.classList.add("offline");
     for (const item of state.pending.values()) if (item.status === "pending") item.status = "queued";
     if (state.current) renderMessages({ stick: false });
-    if (event.code === 4401) banner("Your session ended. Sign in again.", "error");
-    else if (event.code === 4403) banner("Your account was deactivated.", "error");
+    if (event.code === 4401 || event.code === 4403) signedOutBanner(event.code);
   });
-  socket.on("retry", (delay) => {
+  socket.on("signedout", (code) => signedOutBanner(code));
+  socket.on("retry", (delay, code) => {
+    const now = el("button", { type: "button", class: "link-btn reconnect-now", text: "Reconnect now", onclick: () => socket.reconnectNow() });
+    const wait = Math.ceil(delay / 1000) + "s…";
     if (navigator.onLine === false) banner(OFFLINE_TEXT, "warn");
-    else banner("Connection lost. Reconnecting in " + Math.ceil(delay / 1000) + "s…", "warn");
+    else if (code === 4429) banner("Too many open chat tabs or windows: close one. Reconnecting in " + wait, "warn", now);
+    else banner("Connection lost. Reconnecting in " + wait, "warn", now);
+  });
+  // A few handshakes in a row refused: the browser cannot tell why (it shows 1006 either way), the API can.
+  socket.on("authcheck", async () => {
+    try {
+      await api("GET", "/me");
+      return false;
+    } catch (error) {
+      return error instanceof ApiError && (error.status === 401 || error.status === 403);
+    }
   });
   for (const type of ["message.created", "message.updated", "message.deleted", "reaction.added", "reaction.removed",
     "thread.updated", "thread.deleted", "thread.participant_added", "thread.participant_removed", "thread.role_changed"]) {
@@ -1491,11 +1717,18 @@
   socket.on("typing.stop", (frame) => onTyping({ ...frame, data: { ...(frame.data || frame), typing: false } }));
   socket.on("presence", onPresence);
   socket.on("notification", onNotification);
-  socket.on("thread.created", () => loadThreads());
+  socket.on("thread.created", () => {
+    unlisted.clear();
+    loadThreads().catch(() => {});
+  });
   socket.on("thread.removed", (frame) => dropThread((frame.data || frame).thread_id, "You were removed from this conversation."));
   socket.on("resync", (frame) => {
+    // Too much was missed (or the server's log is behind us): the history is read again over REST,
+    // and the socket continues live after the resync's seq.
     const threadId = frame.thread_id || (frame.data && frame.data.thread_id);
-    state.lastSeq.delete(threadId);
+    if (typeof frame.seq === "number") state.lastSeq.set(threadId, frame.seq);
+    state.messages.delete(threadId);
+    state.oldestReached.delete(threadId);
     if (threadId === state.current) openThread(threadId);
   });
   socket.on("pong", () => {});
