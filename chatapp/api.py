@@ -112,6 +112,8 @@ class ErrorDetailSerializer(serializers.Serializer):
     message = serializers.CharField()
     fields = serializers.DictField(required=False)  # type: ignore[assignment]  # popped by the metaclass
     retry_after = serializers.IntegerField(required=False)
+    reason = serializers.CharField(required=False, help_text="a 409's cause, e.g. edit_conflict, last_owner")
+    current = serializers.DictField(required=False, help_text="an edit conflict's current message")
 
 
 class ErrorSerializer(serializers.Serializer):

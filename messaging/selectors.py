@@ -136,7 +136,11 @@ def message_edit_history(*, message_id: int, user: User) -> dict[str, Any]:
             }
             for e in edits
         ],
-        "current": {"version": message.version, "body": message.body, "edited_at": message.edited_at},
+        "current": {
+            "version": message.version,
+            "body": message.body,
+            "edited_at": message.edited_at.isoformat() if message.edited_at else None,
+        },
     }
 
 
@@ -145,7 +149,8 @@ def message_replies(
 ) -> dict[str, Any]:
     parent = message_get_for_member(message_id=message_id, user=user)
     limit = max(1, min(int(limit), MAX_PAGE))
-    qs = Message.objects.filter(reply_to=parent).order_by("sequence")
+    # Deleted replies are left out, as from ``reply_count``: the list and the count agree.
+    qs = Message.objects.filter(reply_to=parent, deleted_at__isnull=True).order_by("sequence")
     if after is not None:
         qs = qs.filter(sequence__gt=after)
     ids = list(qs.values_list("pk", flat=True)[: limit + 1])
@@ -160,7 +165,7 @@ def message_receipts(*, message_id: int, user: User) -> dict[str, Any]:
     """Who has the message delivered and read (from per-thread marks). Senders see theirs; everyone sees counts."""
     message = message_get_for_member(message_id=message_id, user=user)
     others = list(
-        ThreadParticipant.objects.filter(thread_id=message.thread_id)
+        ThreadParticipant.objects.filter(thread_id=message.thread_id, joined_at__lte=message.created_at)
         .exclude(user_id=message.sender_id)
         .values_list("user_id", "last_delivered_sequence", "last_read_sequence")
     )
@@ -182,7 +187,7 @@ def message_receipts(*, message_id: int, user: User) -> dict[str, Any]:
     return body
 
 
-def _visible_notifications(user: User) -> QuerySet[Notification]:
+def visible_notifications(user: User) -> QuerySet[Notification]:
     """My notifications from threads I am still in: after I leave or am removed, or the thread is
     deleted, its notifications (and their excerpts, read from the message as it is now) are gone."""
     return Notification.objects.filter(recipient=user, thread__participants__user=user, thread__deleted_at__isnull=True)
@@ -194,7 +199,7 @@ def notification_list(
     from messaging.services import notification_payload
 
     limit = max(1, min(int(limit), MAX_PAGE))
-    visible = _visible_notifications(user)
+    visible = visible_notifications(user)
     qs = visible.select_related("message").order_by("-id")
     if unread_only:
         qs = qs.filter(read_at__isnull=True)

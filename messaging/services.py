@@ -170,6 +170,8 @@ def message_send(
                 # it, so it sees a removal committed while this send waited): removed meanwhile.
                 raise NotFound("Thread not found.")
             _relations_known(message, sender=sender, attachments=bool(attachment_ids))
+            if reply_to is not None:
+                invalidate_on_commit("message", [reply_to.pk])  # its reply_count changed
             thread_event_record(
                 thread_id=thread_id,
                 type="message.created",
@@ -443,9 +445,11 @@ def _check_emoji(emoji: str) -> str:
 
 
 def _invalidate_message(message_id: int) -> None:
-    """A message's cached payload, and those of its replies (they quote it)."""
+    """A message's cached payload, those of its replies (they quote it) and its parent's (its
+    ``reply_count`` counts live replies: a delete or restore changes it)."""
     reply_ids = list(Message.objects.filter(reply_to_id=message_id).values_list("pk", flat=True))
-    invalidate_on_commit("message", [message_id, *reply_ids])
+    parent = Message.objects.filter(pk=message_id).values_list("reply_to_id", flat=True).first()
+    invalidate_on_commit("message", [message_id, *reply_ids, *([parent] if parent else [])])
 
 
 def _reaction_event(*, message: Message, type: str, actor: User, emoji: str) -> None:
@@ -539,7 +543,9 @@ def receipt_mark(
 @transaction.atomic
 def notifications_mark_read(*, user: User, ids: Sequence[int] | None = None, thread_id: int | None = None) -> int:
     """Mark my notifications read (some, those of a thread, or all). Returns how many changed."""
-    qs = Notification.objects.filter(recipient=user, read_at__isnull=True)
+    from messaging.selectors import visible_notifications
+
+    qs = visible_notifications(user).filter(read_at__isnull=True)
     if ids is not None:
         qs = qs.filter(pk__in=list(ids))
     if thread_id is not None:

@@ -192,15 +192,18 @@ class ParticipantListApi(ChatApiView):
         return Response({"participants": [participant_payload(p) for p in participant_list(thread_id=thread_id)]})
 
     @extend_schema(
-        summary="Add a participant (ADMIN+; only an OWNER grants ADMIN or OWNER)",
+        summary="Add a participant (ADMIN+; only an OWNER grants ADMIN or OWNER). 201 when added, 200 when "
+        "already there with that role (a retry), 409 when there with another role",
         request=InputSerializer,
-        responses={201: OpenApiTypes.OBJECT, **error_responses(400, 403, 404)},
+        responses={201: OpenApiTypes.OBJECT, 200: OpenApiTypes.OBJECT, **error_responses(400, 403, 404, 409)},
         examples=[OpenApiExample("add", request_only=True, value={"user_id": 3, "role": "MEMBER"})],
     )
     def post(self, request: Request, thread_id: int) -> Response:
         data = parse(self.InputSerializer, request.data)
-        participant = services.participant_add(actor=current_user(request), thread_id=thread_id, **data)
-        return Response(participant_payload(participant), status=status.HTTP_201_CREATED)
+        participant, created = services.participant_add(actor=current_user(request), thread_id=thread_id, **data)
+        return Response(
+            participant_payload(participant), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
 
 
 class ParticipantDetailApi(ChatApiView):

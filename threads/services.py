@@ -10,7 +10,7 @@ from django.utils import timezone
 from accounts.models import AuditEntry, User
 from chatapp.broadcast import thread_event_record, user_event_on_commit
 from chatapp.cache import invalidate_on_commit
-from chatapp.errors import InvalidInput, NotFound
+from chatapp.errors import Conflict, InvalidInput, NotFound
 from threads import events, policy
 from threads.models import Thread, ThreadKind, ThreadParticipant, ThreadRole
 from threads.selectors import thread_get_for_member, thread_owner_count
@@ -152,8 +152,16 @@ def participant_settings_update(
 
 
 @transaction.atomic
-def participant_add(*, actor: User, thread_id: int, user_id: int, role: str = ThreadRole.MEMBER) -> ThreadParticipant:
-    """Add a user (ADMIN+; only OWNERs grant ADMIN/OWNER). Broadcasts ``thread.participant_added``."""
+def participant_add(
+    *, actor: User, thread_id: int, user_id: int, role: str = ThreadRole.MEMBER
+) -> tuple[ThreadParticipant, bool]:
+    """Add a user (ADMIN+; only OWNERs grant ADMIN/OWNER). Broadcasts ``thread.participant_added``.
+
+    Idempotent: adding a participant again with the same role returns them (``created`` False);
+    with another role it is a Conflict (roles change through ``participant_change_role``). A new
+    participant has read and been delivered everything before they joined: the thread's history
+    is not unread for them, and their marks do not lower the receipts of earlier messages.
+    """
     access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.ADD_MEMBER)
     if role not in ThreadRole.values:
         raise InvalidInput(fields={"role": [f"Must be one of {', '.join(ThreadRole.values)}."]})
@@ -163,18 +171,26 @@ def participant_add(*, actor: User, thread_id: int, user_id: int, role: str = Th
         thread=access.thread, user=user, defaults={"role": role}
     )
     if not created:
-        return participant
+        if participant.role != role:
+            raise Conflict(
+                f"Already a participant, as {participant.role}; change the role instead.",
+                reason="already_participant",
+            )
+        return participant, False
     participant.user = user
-    thread_event_record(
+    event = thread_event_record(
         thread_id=thread_id,
         type="thread.participant_added",
         data={"participant": events.participant_payload(participant), "by": actor.pk},
     )
+    # Caught up to their own arrival (the event above is the thread's newest).
+    participant.last_read_sequence = participant.last_delivered_sequence = event["seq"]
+    participant.save(update_fields=["last_read_sequence", "last_delivered_sequence"])
     access.thread.refresh_from_db(fields=["last_sequence"])
     user_event_on_commit(
         user_id=user.pk, type="thread.created", data={"thread": events.thread_payload(access.thread), "role": role}
     )
-    return participant
+    return participant, True
 
 
 def _participant_for_update(thread_id: int, user_id: int) -> ThreadParticipant:
