@@ -423,6 +423,9 @@ def message_restore(*, actor: User, message_id: int) -> Message:
     message.deleted_by = None
     message.body = body
     message.body_html = render_body(body)
+    # The tombstone was a version of its own: the history keeps every number (its text is gone, as
+    # the earlier versions' were scrubbed by the delete).
+    MessageEdit.objects.create(message=message, version=message.version, previous_body="", editor=actor)
     message.version += 1
     message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html", "version"])
     _invalidate_message(message.pk)

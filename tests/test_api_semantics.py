@@ -88,3 +88,23 @@ def test_the_error_schema_declares_what_conflicts_carry(api: Api, alice: User) -
     schema = api(alice).get("/api/schema/", HTTP_ACCEPT="application/json").json()
     detail = schema["components"]["schemas"]["ErrorDetail"]["properties"]
     assert {"code", "message", "fields", "retry_after", "reason", "current"} <= set(detail)
+
+
+def test_a_restored_message_keeps_a_contiguous_history(
+    api: Api, alice: User, bob: User, thread: Thread, make_user: Callable[..., User]
+) -> None:
+    from accounts.models import SystemRole
+    from messaging.services import message_restore
+
+    moderator = make_user("mod", role=SystemRole.ADMIN)
+    message, _ = message_send(sender=bob, thread_id=thread.pk, body="first", client_msg_id="h")
+    message_edit(actor=bob, message_id=message.pk, body="second", expected_version=1)
+    message_delete(actor=moderator, message_id=message.pk)
+    restored = message_restore(actor=moderator, message_id=message.pk)
+    history = api(alice).get(f"/api/v1/messages/{message.pk}/edits").json()
+    assert [v["version"] for v in history["versions"]] == list(range(1, restored.version))
+    assert history["current"] == {
+        "version": restored.version,
+        "body": "second",
+        "edited_at": history["current"]["edited_at"],
+    }
