@@ -13,6 +13,9 @@
   const GROUP_WINDOW_MS = 5 * 60 * 1000;
   const TYPING_THROTTLE_MS = 2000;
   const QUICK_EMOJI = ["👍", "❤️", "😂", "🎉", "😮", "😢", "👀", "✅"];
+  const BACKGROUND_KEEP = 200; // messages kept per thread that is not open (the open one keeps what it loaded)
+  const RESEND_MAX_MS = 30000; // a send left unanswered while connected is sent again, at most this far apart
+  const NOTE_PAGE = 20; // notifications the bell's list shows
 
   // ---------------------------------------------------------------- state
   const state = {
@@ -38,6 +41,8 @@
     // a live one that arrives while that request is in flight may or may not be in it, so the
     // newest id the server counted decides (ids grow with time).
     notes: { counted: null, early: [] }, // counted: newest id in the server's count (null: fetching)
+    noteItems: null, // the bell's list (newest first) once read from the server; null until then
+    signedOut: false, // the session ended here: nothing more is kept in this browser
   };
 
   // ---------------------------------------------------------------- utilities
@@ -347,6 +352,7 @@
   }
 
   function outboxSave() {
+    if (state.signedOut) return; // signed out: the outbox was forgotten, and stays so
     const items = [...state.pending.values()].filter((p) => p.status !== "sent");
     localStorage.setItem(OUTBOX_KEY, JSON.stringify(items));
   }
@@ -354,6 +360,26 @@
   async function flushOutbox() {
     for (const item of [...state.pending.values()]) {
       if (item.status === "queued" || item.status === "failed-retry") await deliver(item);
+    }
+  }
+
+  // Everything of this user's this browser keeps: the outbox (and any other "chatapp." key) in
+  // localStorage, the service worker's copies of the page and of the conversations in Cache Storage.
+  // Signing out here gets the same from the server's Clear-Site-Data; a session that ended elsewhere
+  // (4401) or a Clerk sign-out does not, so the page removes them itself.
+  async function forgetStoredData() {
+    try {
+      for (let i = localStorage.length - 1; i >= 0; i--) {
+        const key = localStorage.key(i);
+        if (key && key.startsWith("chatapp.")) localStorage.removeItem(key);
+      }
+    } catch (_) {
+      // Storage may be unavailable (private mode).
+    }
+    try {
+      if ("caches" in window) await Promise.all((await caches.keys()).filter((k) => k.startsWith("chatapp-")).map((k) => caches.delete(k)));
+    } catch (_) {
+      // Same.
     }
   }
 
@@ -372,6 +398,7 @@
 
   async function loadThreads(append = false) {
     const page = await api("GET", threadListPath(append));
+    if (state.signedOut) return;
     if (!append) state.threads.clear();
     for (const thread of page.threads) {
       state.threads.set(thread.id, thread);
@@ -446,6 +473,7 @@
         el("span", { class: "thread-main" },
           el("span", { class: "thread-name", text: threadName(thread) }),
           el("span", { class: "thread-preview", text: preview.slice(0, 80) })),
+        thread.muted ? el("span", { class: "muted-icon", role: "img", title: "Muted", "aria-label": "Muted" }, "🔕") : null,
         thread.unread_count ? el("span", { class: "badge unread-badge", text: String(thread.unread_count), "aria-label": thread.unread_count + " unread" }) : null,
       );
       list.append(item);
@@ -458,8 +486,22 @@
     return state.messages.get(threadId);
   }
 
+  // A thread that is not open keeps only its newest messages, so that a long session in busy threads
+  // does not grow without bound; the rest is read again if it is opened and scrolled back.
+  function trimThread(threadId) {
+    if (threadId === state.current) return;
+    const store = state.messages.get(threadId);
+    if (!store || store.size <= BACKGROUND_KEEP) return;
+    const seqs = [...store.keys()].sort((a, b) => a - b);
+    for (const seq of seqs.slice(0, seqs.length - BACKGROUND_KEEP)) store.delete(seq);
+    state.oldestReached.delete(threadId);
+  }
+
   async function openThread(threadId, aroundSeq = null) {
+    if (state.signedOut) return;
+    const previous = state.current;
     state.current = threadId;
+    if (previous && previous !== threadId) trimThread(previous);
     if (location.hash !== "#thread-" + threadId) history.replaceState(null, "", "#thread-" + threadId);
     state.replyTo = null;
     $("reply-preview").hidden = true;
@@ -551,6 +593,7 @@
     const online = detail.participants.filter((p) => state.presence.get(p.user.id)).length;
     $("thread-sub").textContent = detail.participants.length + " members · " + online + " online";
     $("archive-btn").textContent = (summary ? summary.archived : detail.archived) ? "Unarchive" : "Archive";
+    $("mute-btn").textContent = (summary && typeof summary.muted === "boolean" ? summary.muted : detail.muted) ? "Unmute" : "Mute";
     $("members-btn").hidden = false;
   }
 
@@ -790,7 +833,34 @@
     };
   }
 
+  const sending = new Set(); // client_msg_ids on their way now (one attempt at a time per message)
+  const resends = new Map(); // client_msg_id -> {timer, attempt}: unanswered sends waiting to go again
+
+  function cancelResends() {
+    for (const { timer } of resends.values()) clearTimeout(timer);
+    resends.clear();
+  }
+
+  // Connected, but no answer in time (the frame or its ack was lost on the way): it is sent again,
+  // under the same client message id (the server stores it once), after a growing pause.
+  function scheduleResend(item) {
+    const previous = resends.get(item.clientMsgId);
+    if (previous) clearTimeout(previous.timer);
+    const attempt = previous ? previous.attempt + 1 : 0;
+    const delay = Math.min(RESEND_MAX_MS, 1000 * 2 ** attempt) * (0.5 + Math.random() / 2);
+    const timer = setTimeout(() => {
+      const entry = resends.get(item.clientMsgId);
+      if (entry && entry.timer === timer) entry.timer = null;
+      const current = state.pending.get(item.clientMsgId);
+      if (current && current.status === "pending") deliver(current);
+    }, delay);
+    resends.set(item.clientMsgId, { timer, attempt });
+  }
+
   async function deliver(item) {
+    if (state.signedOut || sending.has(item.clientMsgId)) return;
+    const waiting = resends.get(item.clientMsgId);
+    if (waiting) clearTimeout(waiting.timer);
     if (!socket.connected) {
       item.status = "queued";
       outboxSave();
@@ -798,6 +868,7 @@
       return;
     }
     item.status = "pending";
+    sending.add(item.clientMsgId);
     const frame = sendFrame(item);
     try {
       let stored = null;
@@ -816,6 +887,7 @@
       }
       item.status = "sent";
       state.pending.delete(item.clientMsgId);
+      resends.delete(item.clientMsgId);
       if (stored && stored.id) applyMessage(stored);
     } catch (error) {
       const message = error && error.message;
@@ -824,13 +896,20 @@
         item.status = "failed";
         item.viaRest = true;
         toast("This message is too large to send over the live connection. Use Retry to send it another way.", "error");
+      } else if (message === "timeout" && socket.connected && !state.signedOut) {
+        // Still connected: still on its way (not waiting for a connection), and sent again shortly.
+        item.status = "pending";
+        if (state.pending.get(item.clientMsgId) === item) scheduleResend(item);
       } else if (message === "offline" || message === "connection closed" || message === "timeout" || (error instanceof TypeError)) {
         item.status = "queued"; // sent again on reconnect; the client_msg_id makes it once
       } else {
         item.status = "failed";
         toast(message || "The message could not be sent.", "error");
       }
+    } finally {
+      sending.delete(item.clientMsgId);
     }
+    if (!state.pending.has(item.clientMsgId)) resends.delete(item.clientMsgId);
     outboxSave();
     if (item.threadId === state.current) renderMessages({ stick: false });
   }
@@ -979,6 +1058,9 @@
       const pending = state.pending.get(message.client_msg_id);
       if (pending) {
         state.pending.delete(message.client_msg_id);
+        const waiting = resends.get(message.client_msg_id);
+        if (waiting) clearTimeout(waiting.timer);
+        resends.delete(message.client_msg_id);
         outboxSave();
       }
     }
@@ -988,6 +1070,7 @@
       if (!old) thread.last_activity_at = message.created_at;
     }
     if (message.thread_id === state.current) renderMessages({ stick: false });
+    else if (!old) trimThread(message.thread_id);
     renderThreadList();
   }
 
@@ -1152,10 +1235,16 @@
     if (state.detail) renderHeader();
   }
 
+  function notificationCount() {
+    return parseInt($("notif-count").textContent, 10) || 0;
+  }
+
   function setNotificationCount(value) {
+    const shown = Math.max(0, value);
     const count = $("notif-count");
-    count.hidden = value <= 0;
-    count.textContent = String(Math.max(0, value));
+    count.hidden = shown <= 0;
+    count.textContent = String(shown);
+    $("notif-btn").setAttribute("aria-label", shown ? "Notifications, " + shown + " unread" : "Notifications");
   }
 
   async function refreshNotificationCount() {
@@ -1176,8 +1265,11 @@
     const data = frame.data || frame;
     if (state.notes.counted === null) state.notes.early.push(data.id);
     if (state.notes.counted === null || data.id > state.notes.counted) {
-      setNotificationCount((parseInt($("notif-count").textContent, 10) || 0) + 1);
+      setNotificationCount(notificationCount() + 1);
     }
+    liveNotes.set(data.id, { ...data });
+    if (liveNotes.size > NOTE_PAGE) liveNotes.delete(Math.min(...liveNotes.keys()));
+    if (!$("notif-panel").hidden) renderNotePanel();
     const thread = state.threads.get(data.thread_id);
     if (document.hidden && "Notification" in window && Notification.permission === "granted") {
       const title = data.kind === "MENTION" ? "You were mentioned" : data.kind === "REPLY" ? "New reply" : "New direct message";
@@ -1186,6 +1278,178 @@
         window.focus();
         openThread(data.thread_id, data.seq);
       };
+    }
+  }
+
+  // Read elsewhere (another tab or device, or this one): the list shows them read, and the count is
+  // read again from the server (the read ones may or may not be in the count shown; the server knows).
+  function onNotificationsRead(frame) {
+    const data = frame.data || frame;
+    const ids = Array.isArray(data.ids) ? data.ids : [];
+    for (const id of ids) readNotes.add(id);
+    for (const note of noteList()) if (ids.includes(note.id) && !note.read_at) note.read_at = new Date().toISOString();
+    if (!$("notif-panel").hidden) renderNotePanel();
+    refreshNotificationCount();
+  }
+
+  // ---------------------------------------------------------------- the bell's list
+  const liveNotes = new Map(); // id -> notification that arrived live (the newest few), merged into the list
+  const readNotes = new Set(); // ids read since the page loaded (here or elsewhere)
+  let noteRequests = 0;
+
+  // The list as shown: the page read from the server and what arrived live since, newest first.
+  function noteList() {
+    const byId = new Map();
+    for (const note of state.noteItems || []) byId.set(note.id, note);
+    for (const note of liveNotes.values()) if (!byId.has(note.id)) byId.set(note.id, note);
+    const notes = [...byId.values()].sort((a, b) => b.id - a.id).slice(0, NOTE_PAGE);
+    for (const note of notes) if (readNotes.has(note.id) && !note.read_at) note.read_at = new Date().toISOString();
+    return notes;
+  }
+
+  function noteTitle(note) {
+    if (note.kind === "MENTION") return "You were mentioned";
+    if (note.kind === "REPLY") return "New reply";
+    if (note.kind === "DIRECT") return "New direct message";
+    return "Notification";
+  }
+
+  function renderNotePanel() {
+    const notes = state.noteItems === null && !liveNotes.size ? null : noteList();
+    $("notif-list").replaceChildren(...(notes || []).map((note) => {
+      const thread = state.threads.get(note.thread_id);
+      const unread = !note.read_at;
+      return el("li", { class: "notif-item" + (unread ? " unread" : ""), dataset: { id: String(note.id) } },
+        el("button", { type: "button", class: "notif-open", onclick: () => openNotification(note) },
+          unread ? el("span", { class: "sr-only", text: "Unread: " }) : null,
+          el("span", { class: "notif-kind", text: noteTitle(note) + (thread ? " · " + threadName(thread) : "") }),
+          el("span", { class: "notif-excerpt", text: note.excerpt || "" }),
+          note.created_at ? el("time", { datetime: note.created_at, text: fmtDay(note.created_at) + " " + fmtTime(note.created_at) }) : null));
+    }));
+    const empty = $("notif-empty");
+    empty.hidden = notes !== null && notes.length > 0;
+    if (notes === null) empty.textContent = "Loading…";
+    else if (!notes.length) empty.textContent = "No notifications.";
+    $("notif-read-all").disabled = notificationCount() === 0 && !(notes || []).some((note) => !note.read_at);
+  }
+
+  async function loadNotes() {
+    const request = ++noteRequests;
+    try {
+      const page = await api("GET", "/notifications?limit=" + NOTE_PAGE);
+      if (request !== noteRequests) return;
+      state.noteItems = page.notifications;
+    } catch (error) {
+      if (request !== noteRequests) return;
+      if (state.noteItems === null && !liveNotes.size) {
+        $("notif-empty").hidden = false;
+        $("notif-empty").textContent = navigator.onLine === false ? "You are offline." : "Could not load notifications: " + error.message;
+        return;
+      }
+    }
+    if (!$("notif-panel").hidden) renderNotePanel();
+  }
+
+  function openNotePanel() {
+    $("notif-panel").hidden = false;
+    $("notif-btn").setAttribute("aria-expanded", "true");
+    renderNotePanel();
+    loadNotes().then(() => {
+      const panel = $("notif-panel");
+      if (!panel.hidden && !panel.contains(document.activeElement)) {
+        const first = panel.querySelector(".notif-open") || $("notif-read-all");
+        first.focus();
+      }
+    });
+  }
+
+  function closeNotePanel(focusBell = false) {
+    if ($("notif-panel").hidden) return;
+    $("notif-panel").hidden = true;
+    $("notif-btn").setAttribute("aria-expanded", "false");
+    if (focusBell) $("notif-btn").focus();
+  }
+
+  // Opens what the notification is about, and marks that one read (only that one).
+  async function openNotification(note) {
+    closeNotePanel();
+    if (!note.read_at) {
+      note.read_at = new Date().toISOString();
+      readNotes.add(note.id);
+      setNotificationCount(notificationCount() - 1);
+      api("POST", "/notifications/read", { ids: [note.id] }).catch((error) => {
+        readNotes.delete(note.id);
+        note.read_at = null;
+        toast(error.message || "Could not mark the notification read.", "error");
+        refreshNotificationCount();
+      });
+    }
+    openThread(note.thread_id, note.seq || null);
+  }
+
+  async function markAllNotesRead() {
+    const notes = noteList();
+    try {
+      await api("POST", "/notifications/read", {});
+    } catch (error) {
+      toast(error.message || "Could not mark the notifications read.", "error");
+      return;
+    }
+    for (const note of notes) {
+      readNotes.add(note.id);
+      if (!note.read_at) note.read_at = new Date().toISOString();
+    }
+    refreshNotificationCount(); // live ones that came meanwhile still count
+    if (!$("notif-panel").hidden) renderNotePanel();
+  }
+
+  // ---------------------------------------------------------------- other notices to the user
+  // Archived or muted elsewhere (another tab or device): the thread moves to its tab, the mute shows.
+  function onMembershipUpdated(frame) {
+    const data = frame.data || frame;
+    const threadId = data.thread_id;
+    const thread = state.threads.get(threadId);
+    for (const target of [thread, state.detail && state.detail.id === threadId ? state.detail : null]) {
+      if (!target) continue;
+      if (typeof data.archived === "boolean") target.archived = data.archived;
+      if (typeof data.muted === "boolean") target.muted = data.muted;
+    }
+    if (!thread && data.archived === state.archived) {
+      // It moved into the tab on screen, which has not listed it: the list is read again.
+      unlisted.delete(threadId);
+      threadNotListed(threadId);
+    }
+    renderThreadList();
+    if (threadId === state.current) renderHeader();
+  }
+
+  // Someone's name changed (mine, from another tab or device): everywhere it shows.
+  function onUserUpdated(frame) {
+    const data = frame.data || frame;
+    if (typeof data.id !== "number" || typeof data.name !== "string") return;
+    const rename = (user) => {
+      if (user && user.id === data.id) user.name = data.name;
+    };
+    if (data.id === me.id) {
+      me.name = data.name;
+      $("me-name").textContent = data.name;
+    }
+    for (const thread of state.threads.values()) {
+      rename(thread.other_user);
+      if (thread.last_message) rename(thread.last_message.sender);
+    }
+    for (const store of state.messages.values()) for (const message of store.values()) rename(message.sender);
+    if (state.detail) for (const p of state.detail.participants) rename(p.user);
+    for (const typing of state.typing.values()) {
+      const entry = typing.get(data.id);
+      if (entry) entry.name = data.name;
+    }
+    if (state.replyTo) rename(state.replyTo.sender);
+    renderThreadList();
+    if (state.current) {
+      renderHeader();
+      renderMessages({ stick: false });
+      if ($("members-dialog").open && currentDetail()) renderMembers();
     }
   }
 
@@ -1526,6 +1790,9 @@
     $("history").addEventListener("scroll", () => {
       if ($("history").scrollTop < 120) loadOlder();
     });
+    $("attach-btn").addEventListener("click", () => {
+      if (state.current) $("file-input").click();
+    });
     $("file-input").addEventListener("change", (e) => {
       uploadFiles([...e.target.files]);
       e.target.value = "";
@@ -1602,27 +1869,38 @@
       if (state.detail) renderHeader();
       toast(archived ? "Moved to Archived." : "Moved back to Active.");
     });
+    $("mute-btn").addEventListener("click", async () => {
+      const threadId = state.current;
+      const thread = state.threads.get(threadId);
+      const detail = currentDetail();
+      const muted = !(thread && typeof thread.muted === "boolean" ? thread.muted : detail && detail.muted);
+      try {
+        await api("PATCH", "/threads/" + threadId + "/membership", { muted });
+      } catch (error) {
+        toast(error.message, "error");
+        return;
+      }
+      onMembershipUpdated({ data: { thread_id: threadId, muted } });
+    });
     $("hi-close").addEventListener("click", () => $("history-dialog").close());
     $("rp-close").addEventListener("click", () => $("replies-dialog").close());
     $("show-threads").addEventListener("click", () => document.body.classList.toggle("show-sidebar"));
-    $("notif-btn").addEventListener("click", async () => {
+    $("notif-btn").addEventListener("click", () => {
       if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
-      const data = await api("GET", "/notifications?unread=1");
-      setNotificationCount(0);
-      if (data.notifications.length) {
-        const first = data.notifications[0];
-        await api("POST", "/notifications/read", {});
-        openThread(first.thread_id, first.seq);
-      } else {
-        toast("No new notifications.");
-      }
+      if ($("notif-panel").hidden) openNotePanel();
+      else closeNotePanel();
     });
+    $("notif-read-all").addEventListener("click", markAllNotesRead);
     document.addEventListener("click", (e) => {
       const picker = $("emoji-picker");
       if (!picker.hidden && !picker.contains(e.target) && !e.target.closest(".actions")) picker.hidden = true;
+      if (!$("notif-panel").hidden && !e.target.closest(".notif-wrap")) closeNotePanel();
     });
     document.addEventListener("keydown", (e) => {
-      if (e.key === "Escape") $("emoji-picker").hidden = true;
+      if (e.key === "Escape") {
+        $("emoji-picker").hidden = true;
+        if (!$("notif-panel").hidden) closeNotePanel($("notif-panel").contains(document.activeElement));
+      }
     });
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden && state.current) markRead(state.current);
@@ -1633,16 +1911,18 @@
     window.addEventListener("offline", () => {
       if (!socket.connected) banner(OFFLINE_TEXT, "warn");
     });
+    // Clerk's sign-out (clerk.js) forgets the stored copies itself: nothing may write them back.
+    window.addEventListener("chatapp:signout", () => {
+      state.signedOut = true;
+      cancelResends();
+    });
     // Sign-out also forgets this browser's offline copies of the page and the conversations.
     const signout = document.querySelector("form.signout");
     if (signout) {
       signout.addEventListener("submit", async (e) => {
         e.preventDefault();
-        try {
-          if ("caches" in window) await Promise.all((await caches.keys()).filter((k) => k.startsWith("chatapp-")).map((k) => caches.delete(k)));
-        } catch (_) {
-          // Storage may be unavailable (private mode): signing out matters more.
-        }
+        state.signedOut = true; // nothing is written back to the outbox from here on
+        await forgetStoredData(); // the server's Clear-Site-Data does it too, where the browser supports it
         signout.submit();
       });
     }
@@ -1666,6 +1946,36 @@
     node.hidden = !text;
   }
 
+  // The session ended (signed out or revoked elsewhere, password changed, account deactivated): this
+  // browser keeps nothing of the conversations, on screen or stored, for whoever uses it next.
+  function endSession(code) {
+    signedOutBanner(code);
+    if (state.signedOut) return;
+    state.signedOut = true;
+    cancelResends();
+    state.pending.clear();
+    state.threads.clear();
+    state.messages.clear();
+    state.uploads.clear();
+    state.typing.clear();
+    state.current = null;
+    state.detail = null;
+    state.editing = null;
+    state.noteItems = null;
+    liveNotes.clear();
+    forgetStoredData();
+    for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
+    closeNotePanel();
+    setNotificationCount(0);
+    if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+    $("messages").replaceChildren();
+    $("thread-view").hidden = true;
+    $("empty-state").hidden = false;
+    $("threads-more").hidden = true;
+    $("search-results").replaceChildren();
+    renderThreadList();
+  }
+
   function signedOutBanner(code) {
     const signIn = el("a", { class: "link-btn", href: "/accounts/login/?next=" + encodeURIComponent(location.pathname), text: "Sign in" });
     if (code === 4403) banner("Your account was deactivated.", "error");
@@ -1686,11 +1996,12 @@
   });
   socket.on("close", (event) => {
     document.body.classList.add("offline");
+    cancelResends(); // the reconnect sends what is left (flushOutbox)
     for (const item of state.pending.values()) if (item.status === "pending") item.status = "queued";
     if (state.current) renderMessages({ stick: false });
-    if (event.code === 4401 || event.code === 4403) signedOutBanner(event.code);
+    if (event.code === 4401 || event.code === 4403) endSession(event.code);
   });
-  socket.on("signedout", (code) => signedOutBanner(code));
+  socket.on("signedout", (code) => endSession(code));
   socket.on("retry", (delay, code) => {
     const now = el("button", { type: "button", class: "link-btn reconnect-now", text: "Reconnect now", onclick: () => socket.reconnectNow() });
     const wait = Math.ceil(delay / 1000) + "s…";
@@ -1717,6 +2028,9 @@
   socket.on("typing.stop", (frame) => onTyping({ ...frame, data: { ...(frame.data || frame), typing: false } }));
   socket.on("presence", onPresence);
   socket.on("notification", onNotification);
+  socket.on("notification.read", onNotificationsRead);
+  socket.on("thread.membership_updated", onMembershipUpdated);
+  socket.on("user.updated", onUserUpdated);
   socket.on("thread.created", () => {
     unlisted.clear();
     loadThreads().catch(() => {});

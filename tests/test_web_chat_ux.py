@@ -1,0 +1,388 @@
+"""The web chat's bell, user notices, sign-out hygiene, resends, keyboard access and memory, in real
+Chromium against a live daphne on PostgreSQL and Redis.
+
+The bell lists the recent notifications and opening one marks only that one read; notices for the
+user from elsewhere (read notifications, an archived or muted thread, a new name) show at once; a
+session that ends (4401) leaves nothing of the conversations in this browser; a send whose ack never
+came is sent again while connected; the attach button is reachable from the keyboard; a thread that
+is not open keeps only its newest messages. Each test fails against the page before these fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from accounts.models import User
+from accounts.services import user_password_changed, user_update_profile
+from messaging.models import Message, Notification
+from messaging.services import message_send, notifications_mark_read
+from tests.browser import LiveServer, session_cookie_for
+from tests.conftest import needs
+from tests.test_web_chat import TIMEOUT, WATCH_SUBSCRIPTIONS, off_loop, png_bytes, wait_connected, wait_until
+from tests.test_web_chat_more import open_thread
+from threads.services import participant_settings_update, thread_create
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def open_page(browser: Any, server: LiveServer, user: User, *init_scripts: str) -> Any:
+    """``open_chat`` with more init scripts, run before the page's own."""
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    context.add_init_script(WATCH_SUBSCRIPTIONS)
+    for script in init_scripts:
+        context.add_init_script(script)
+    context.add_cookies([session_cookie_for(user, server)])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.js_errors = errors
+    page.goto(server.url + "/")
+    page.wait_for_selector(".thread-item", state="attached")
+    return page
+
+
+def eventually(page: Any, check: Callable[[], bool], *, what: str, timeout: float = TIMEOUT / 1000) -> None:
+    """Until ``check()`` (a database read, say) holds, polling without holding up the page."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        page.wait_for_timeout(100)
+
+
+def badge(page: Any) -> str:
+    return str(page.evaluate("(n => (n.hidden ? '' : n.textContent))(document.getElementById('notif-count'))"))
+
+
+def wait_badge(page: Any, count: int) -> None:
+    try:
+        if count:
+            page.wait_for_selector(f"#notif-count:not([hidden]):text-is('{count}')")
+        else:
+            page.wait_for_selector("#notif-count[hidden]", state="attached")
+    except Exception as exc:
+        raise AssertionError(f"the bell shows {badge(page)!r}, not {count}") from exc
+
+
+def unread_notes(user: User) -> set[int]:
+    return set(Notification.objects.filter(recipient=user, read_at__isnull=True).values_list("message_id", flat=True))
+
+
+def test_the_bell_lists_notifications_and_opening_one_marks_only_that_one(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    first, _ = off_loop(thread_create, creator=alice, title="First", participant_ids=[bob.pk])
+    second, _ = off_loop(thread_create, creator=alice, title="Second", participant_ids=[bob.pk])
+    look, _ = off_loop(message_send, sender=alice, thread_id=first.pk, body="@bob look here", client_msg_id="b1")
+    also, _ = off_loop(message_send, sender=alice, thread_id=second.pk, body="@bob and here", client_msg_id="b2")
+    page = open_page(browser, live_daphne, bob)
+    wait_connected(page)
+    wait_badge(page, 2)
+
+    page.click("#notif-btn")
+    assert page.get_attribute("#notif-btn", "aria-expanded") == "true"
+    page.wait_for_selector("#notif-list .notif-item.unread >> nth=1")
+    assert [t.strip() for t in page.locator("#notif-list .notif-excerpt").all_inner_texts()] == [
+        "@bob and here",
+        "@bob look here",
+    ]
+    # The older one: its thread opens at that message, and only it is marked read.
+    page.locator("#notif-list .notif-item", has_text="look here").locator("button").click()
+    page.wait_for_selector(f'.thread-item.active[data-thread-id="{first.pk}"]')
+    page.wait_for_selector(f'#messages .message[data-id="{look.pk}"] .body:has-text("look here")')
+    assert page.locator("#notif-panel").is_hidden()
+    wait_badge(page, 1)
+    eventually(page, lambda: unread_notes(bob) == {also.pk}, what="only the opened notification to be read")
+    page.wait_for_timeout(300)  # the read notice comes back on the socket: counted once
+    assert badge(page) == "1"
+
+    # Opened again: the one still unread shows so; "Mark all read" reads the rest.
+    page.click("#notif-btn")
+    page.wait_for_selector("#notif-list .notif-item.unread:has-text('and here')")
+    assert page.locator("#notif-list .notif-item.unread").count() == 1
+    page.click("#notif-read-all")
+    wait_badge(page, 0)
+    eventually(page, lambda: unread_notes(bob) == set(), what="every notification to be read")
+    page.wait_for_selector("#notif-list .notif-item >> nth=1")
+    assert page.locator("#notif-list .notif-item.unread").count() == 0
+    # Escape closes the list and gives the focus back to the bell.
+    page.locator("#notif-list .notif-open").first.focus()
+    page.keyboard.press("Escape")
+    assert page.locator("#notif-panel").is_hidden()
+    assert page.evaluate("document.activeElement.id") == "notif-btn"
+    assert page.js_errors == []
+
+
+def test_notices_from_elsewhere_update_the_bell_the_tabs_and_names(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """Another tab reads a notification, another device archives and mutes threads, the name changes:
+    the page shows each as it happens (``notification.read``, ``thread.membership_updated``,
+    ``user.updated``)."""
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    group, _ = off_loop(thread_create, creator=alice, title="Group", participant_ids=[bob.pk])
+    other, _ = off_loop(thread_create, creator=alice, title="Other", participant_ids=[bob.pk])
+    off_loop(message_send, sender=alice, thread_id=group.pk, body="@bob one", client_msg_id="r1")
+    two, _ = off_loop(message_send, sender=alice, thread_id=group.pk, body="@bob two", client_msg_id="r2")
+    off_loop(message_send, sender=bob, thread_id=group.pk, body="hi from bob", client_msg_id="r3")
+    page = open_page(browser, live_daphne, bob)
+    open_thread(page, group.pk)
+    wait_badge(page, 2)
+    page.click("#notif-btn")
+    page.wait_for_selector("#notif-list .notif-item.unread >> nth=1")
+
+    # Another tab of mine opens one of them from its own bell.
+    tab = page.context.new_page()
+    tab.set_default_timeout(TIMEOUT)
+    tab.goto(live_daphne.url + "/")
+    wait_connected(tab)
+    wait_badge(tab, 2)
+    tab.click("#notif-btn")
+    tab.locator("#notif-list .notif-item", has_text="@bob one").locator("button").click()
+    wait_badge(page, 1)
+    page.wait_for_selector("#notif-list .notif-item:not(.unread):has-text('@bob one')")
+    assert page.locator("#notif-list .notif-item.unread").count() == 1
+    tab.close()
+    # Another device reads the other.
+    read_elsewhere = list(Notification.objects.filter(message=two).values_list("pk", flat=True))
+    off_loop(notifications_mark_read, user=bob, ids=read_elsewhere)
+    wait_badge(page, 0)
+    page.wait_for_selector("#notif-list .notif-item:not(.unread):has-text('@bob two')")
+    page.keyboard.press("Escape")
+
+    # Archived elsewhere: it leaves the Active tab, and is in the Archived one.
+    other_item = f'#thread-list .thread-item[data-thread-id="{other.pk}"]'
+    off_loop(participant_settings_update, user=bob, thread_id=other.pk, archived=True)
+    page.wait_for_selector(other_item, state="detached")
+    page.click("#tab-archived")
+    page.wait_for_selector(other_item)
+    # Brought back elsewhere: it leaves the Archived tab, and the Active one lists it again.
+    off_loop(participant_settings_update, user=bob, thread_id=other.pk, archived=False)
+    page.wait_for_selector(other_item, state="detached")
+    page.click("#tab-active")
+    page.wait_for_selector(other_item)
+    # Muted elsewhere (the open thread): the list and the header say so.
+    group_item = f'#thread-list .thread-item[data-thread-id="{group.pk}"]'
+    off_loop(participant_settings_update, user=bob, thread_id=group.pk, muted=True)
+    page.wait_for_selector(f"{group_item} .muted-icon[aria-label='Muted']")
+    page.wait_for_selector("#mute-btn:text-is('Unmute')")
+    off_loop(participant_settings_update, user=bob, thread_id=group.pk, muted=False)
+    page.wait_for_selector(f"{group_item} .muted-icon", state="detached")
+    page.wait_for_selector("#mute-btn:text-is('Mute')")
+
+    # My name changes (in my profile, elsewhere): the top bar and my messages show the new one.
+    assert page.locator("#messages .message.mine .sender").first.inner_text() == bob.name
+    off_loop(user_update_profile, user=User.objects.get(pk=bob.pk), display_name="Robert Renamed")
+    page.wait_for_selector("#me-name:text-is('Robert Renamed')")
+    page.wait_for_selector("#messages .message.mine .sender:text-is('Robert Renamed')")
+    page.click("#members-btn")
+    page.wait_for_selector("#members-list .member-name:text-is('Robert Renamed (you)')")
+    assert page.js_errors == []
+
+
+# Drops the page's message.send frames while window.__dropSends is set (recorded in __dropped), and
+# the first one regardless when window.__dropFirstSend is set; everything else goes out unchanged.
+DROP_SENDS = """
+(() => {
+  const send = WebSocket.prototype.send;
+  window.__dropped = [];
+  WebSocket.prototype.send = function (data) {
+    let frame = null;
+    try { frame = typeof data === 'string' ? JSON.parse(data) : null; } catch (_) {}
+    if (frame && frame.type === 'message.send'
+        && (window.__dropSends || (window.__dropFirstSend && window.__dropped.length === 0))) {
+      window.__dropped.push(frame.client_msg_id);
+      return undefined;
+    }
+    return send.call(this, data);
+  };
+})();
+"""
+
+
+def outbox_text(page: Any, user: User) -> Any:
+    return page.evaluate(f"() => localStorage.getItem('chatapp.outbox.{user.pk}')")
+
+
+def test_a_session_ended_elsewhere_leaves_nothing_in_this_browser(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    """A 4401 close (here: the password changed) forgets the outbox, the offline copies and what is on
+    screen, as a local sign-out does with Clear-Site-Data."""
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Secrets", participant_ids=[bob.pk])
+    page = open_page(browser, live_daphne, alice, DROP_SENDS)
+    open_thread(page, thread.pk)
+    data_kept = "async () => await caches.has('chatapp-data-v1')"
+    wait_until(page, data_kept, what="the offline copy of the conversations")
+
+    # A message that has not gone yet waits in the outbox.
+    page.evaluate("() => { window.__dropSends = true; }")
+    page.fill("#input", "the unsent secret")
+    page.press("#input", "Enter")
+    wait_until(page, "() => window.__dropped.length > 0", what="the send to be dropped")
+    wait_until(
+        page,
+        f"() => (localStorage.getItem('chatapp.outbox.{alice.pk}') || '').includes('the unsent secret')",
+        what="the message in the outbox",
+    )
+
+    User.objects.filter(pk=alice.pk).update(password="md5$x$changed")
+    off_loop(user_password_changed, user=alice)
+    page.wait_for_selector("#conn-banner:not([hidden]):has-text('Sign in again')")
+    wait_until(
+        page,
+        f"() => localStorage.getItem('chatapp.outbox.{alice.pk}') === null",
+        what=f"the outbox to be forgotten (it holds {outbox_text(page, alice)!r})",
+    )
+    wait_until(page, f"async () => !(await ({data_kept})())", what="the offline copies to be deleted")
+    assert page.evaluate("() => Object.keys(localStorage).filter((k) => k.startsWith('chatapp.'))") == []
+    assert page.locator("#thread-list .thread-item").count() == 0
+    assert page.locator("#messages .message").count() == 0
+    assert page.locator("#thread-view").is_hidden()
+    page.wait_for_timeout(500)  # nothing writes it back afterwards
+    assert outbox_text(page, alice) is None
+    assert not Message.objects.filter(thread=thread).exists()
+    assert page.js_errors == []
+
+
+# Notes whether a message of mine ever showed "Waiting for connection…".
+WATCH_QUEUED = """
+() => {
+  window.__sawQueued = false;
+  new MutationObserver(() => {
+    if (document.querySelector('#messages .message.queued')) window.__sawQueued = true;
+  }).observe(document.getElementById('messages'), { subtree: true, childList: true, attributes: true });
+  window.__firstSocket = window.chatapp.socket.ws;
+}
+"""
+
+
+def test_a_send_whose_ack_never_came_is_sent_again_while_connected(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    needs("redis")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Lossy", participant_ids=[bob.pk])
+    page = open_page(browser, live_daphne, alice, DROP_SENDS)
+    open_thread(page, thread.pk)
+    page.evaluate(WATCH_QUEUED)
+    page.evaluate("() => { window.__dropFirstSend = true; }")
+
+    page.fill("#input", "lost on the way")
+    page.press("#input", "Enter")
+    wait_until(page, "() => window.__dropped.length === 1", what="the first send to be dropped")
+    pending = page.locator("#messages .message.pending", has_text="lost on the way")
+    assert pending.locator(".status").inner_text() == "Sending…"
+    # No ack within 15 s: sent again on the same socket, with the same client message id.
+    page.wait_for_selector(
+        "#messages .message:not(.pending):not(.queued):not(.failed) .body:has-text('lost on the way')",
+        timeout=TIMEOUT + 30_000,
+    )
+    cid = page.evaluate("() => window.__dropped[0]")
+    assert Message.objects.filter(thread=thread, sender=alice, client_msg_id=cid).count() == 1
+    assert Message.objects.filter(thread=thread).count() == 1
+    assert page.evaluate("() => window.chatapp.socket.ws === window.__firstSocket") is True  # no reconnect
+    assert page.evaluate("() => window.__sawQueued") is False
+    assert json.loads(outbox_text(page, alice) or "[]") == []
+    assert page.locator("#messages .message", has_text="lost on the way").count() == 1
+    assert page.js_errors == []
+
+
+# Buttons with no accessible name: no aria-label(ledby) and no letters or digits in their text.
+UNNAMED_BUTTONS = """
+() => [...document.querySelectorAll('button')]
+  .filter((b) => !(b.getAttribute('aria-label') || '').trim() && !b.getAttribute('aria-labelledby'))
+  .filter((b) => !/[\\p{L}\\p{N}]/u.test(b.textContent))
+  .map((b) => b.outerHTML.slice(0, 120))
+"""
+
+
+def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Keys", participant_ids=[bob.pk])
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body="mine to act on", client_msg_id="k1")
+    page = open_page(browser, live_daphne, alice)
+    open_thread(page, thread.pk)
+    page.wait_for_selector("#messages .message .body:has-text('mine to act on')")
+
+    # From the message box, Shift+Tab reaches the attach button; Enter opens the file chooser.
+    page.focus("#input")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "attach-btn"
+    assert page.get_attribute("#attach-btn", "aria-label") == "Attach files"
+    with page.expect_file_chooser() as chosen:
+        page.keyboard.press("Enter")
+    chooser = chosen.value
+    assert chooser.is_multiple()
+    chooser.set_files(files=[{"name": "keyboard.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    page.wait_for_selector("#uploads .upload.done:has-text('keyboard.png')")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "input"
+
+    assert page.evaluate(UNNAMED_BUTTONS) == []
+    page.click("#notif-btn")
+    page.wait_for_selector("#notif-empty:not([hidden])")
+    assert page.evaluate(UNNAMED_BUTTONS) == []
+    assert page.js_errors == []
+
+
+# Feeds the page's socket handler ``count`` message.created events of mine for a thread (as if they
+# had arrived), seqs 1..count.
+FEED = """
+([threadId, count, me]) => {
+  const handler = window.chatapp.socket.handlers['message.created'];
+  for (let seq = 1; seq <= count; seq++) {
+    const message = {
+      id: 1000000 + threadId * 1000 + seq, thread_id: threadId, seq, body: 'm' + seq, html: '<p>m' + seq + '</p>',
+      sender: { id: me, username: 'me', name: 'Me', avatar_url: '', active: true }, reply_to: null,
+      client_msg_id: null, version: 1, created_at: new Date().toISOString(), edited_at: null, deleted: false,
+      deleted_at: null, reactions: [], attachments: [], reply_count: null,
+    };
+    handler({ type: 'message.created', thread_id: threadId, seq, data: { message } });
+  }
+}
+"""
+
+KEPT = "(id) => [...(window.chatapp.state.messages.get(id) || new Map()).keys()].sort((a, b) => a - b)"
+
+
+def test_threads_not_open_keep_only_their_newest_messages(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    shown, _ = off_loop(thread_create, creator=alice, title="Shown", participant_ids=[bob.pk])
+    behind, _ = off_loop(thread_create, creator=alice, title="Behind", participant_ids=[bob.pk])
+    page = open_page(browser, live_daphne, alice)
+    open_thread(page, shown.pk)
+
+    page.evaluate(FEED, [behind.pk, 250, alice.pk])
+    assert page.evaluate(KEPT, behind.pk) == list(range(51, 251))
+    page.evaluate(FEED, [shown.pk, 250, alice.pk])
+    assert len(page.evaluate(KEPT, shown.pk)) == 250  # the open thread keeps all it has
+    page.wait_for_selector("#messages .message .body p:text-is('m250')")
+
+    # Once another thread is open, the first one keeps its newest 200 too.
+    page.click(f'.thread-item[data-thread-id="{behind.pk}"]')
+    page.wait_for_selector("#thread-view:not([hidden])")
+    wait_until(page, f"() => window.chatapp.state.current === {behind.pk}", what="the other thread to open")
+    assert page.evaluate(KEPT, shown.pk) == list(range(51, 251))
+    assert page.js_errors == []
