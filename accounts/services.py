@@ -76,16 +76,8 @@ def _check_display_name(value: str) -> str:
 
 def _check_avatar_url(value: str) -> str:
     value = value.strip()
-    if not value:
-        return ""
-    try:
-        if len(value) > AVATAR_URL_MAX_LENGTH:
-            raise ValidationError("too long")
-        _url_validator(value)
-    except ValidationError:
-        raise InvalidInput(
-            fields={"avatar_url": [f"An http(s) URL of at most {AVATAR_URL_MAX_LENGTH} characters."]}
-        ) from None
+    if value and _clean_url(value) != value:
+        raise InvalidInput(fields={"avatar_url": [f"An http(s) URL of at most {AVATAR_URL_MAX_LENGTH} characters."]})
     return value
 
 
@@ -212,7 +204,8 @@ def _clean_email(value: Any) -> str:
 
 
 def _clean_url(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > 500:
+    """``value`` if it is an http(s) URL short enough to keep, else ""."""
+    if not isinstance(value, str) or len(value) > AVATAR_URL_MAX_LENGTH:
         return ""
     try:
         _url_validator(value)

@@ -28,23 +28,30 @@ def clerk_context() -> dict[str, object]:
     }
 
 
+def _password_refused(request: HttpRequest) -> int | None:
+    """Spend one attempt of the client address's password budget (shared with the API's token
+    login), before the password is checked: the seconds to wait when it is spent, else None."""
+    try:
+        password_attempt_check(request)
+    except RateLimited as exc:
+        return int(exc.retry_after)
+    return None
+
+
+def _too_many(response: HttpResponse, retry_after: int) -> HttpResponse:
+    response.status_code = 429
+    response["Retry-After"] = str(retry_after)
+    return response
+
+
 def password_attempts_limited(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """A sign-in form's POST spends the client address's password budget (shared with the API's
-    token login) before the password is checked; past it, 429 with Retry-After."""
+    """A sign-in form's POST is refused (429 with Retry-After) once the password budget is spent."""
 
     @functools.wraps(view)
     def limited(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.method == "POST":
-            try:
-                password_attempt_check(request)
-            except RateLimited as exc:
-                response = HttpResponse(
-                    f"Too many sign-in attempts from your address. Try again in {exc.retry_after} seconds.",
-                    status=429,
-                    content_type="text/plain; charset=utf-8",
-                )
-                response["Retry-After"] = str(exc.retry_after)
-                return response
+        if request.method == "POST" and (retry_after := _password_refused(request)) is not None:
+            text = f"Too many sign-in attempts from your address. Try again in {retry_after} seconds."
+            return _too_many(HttpResponse(text, content_type="text/plain; charset=utf-8"), retry_after)
         return view(request, *args, **kwargs)
 
     return limited
@@ -55,13 +62,9 @@ class LoginView(auth_views.LoginView):
     Password attempts are limited per client address like the API's token login."""
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            password_attempt_check(request)
-        except RateLimited as exc:
-            response = self.render_to_response(self.get_context_data(retry_after=exc.retry_after))
-            response.status_code = 429
-            response["Retry-After"] = str(exc.retry_after)
-            return response
+        if (retry_after := _password_refused(request)) is not None:
+            page = self.render_to_response(self.get_context_data(retry_after=retry_after))
+            return _too_many(page, retry_after)
         return super().post(request, *args, **kwargs)
 
     def get_context_data(self, **kwargs: object) -> dict[str, object]:

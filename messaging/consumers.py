@@ -623,8 +623,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         zipped = self.compress and "z" in message
         if self.protocol is not None:
-            wire.write_event(self.protocol, message, zipped=zipped)
-            if wire.unsent_bytes(self.protocol) > realtime.MAX_UNSENT_BYTES:
+            waiting = wire.write_event(self.protocol, message, zipped=zipped)
+            if waiting and wire.unsent_bytes(self.protocol) > realtime.MAX_UNSENT_BYTES:
                 self.fall_behind()
         elif zipped:
             await self.base_send({"type": "websocket.send", "bytes": message["z"]})

@@ -320,7 +320,7 @@ def message_edit(*, actor: User, message_id: int, body: str, expected_version: i
         message.version += 1
         message.edited_at = timezone.now()
         message.save(update_fields=["body", "body_html", "version", "edited_at"])
-        _invalidate_message(message.pk)
+        _invalidate_message(message)
         message = message_get_with_relations(message_id=message.pk)
         thread_event_record(
             thread_id=message.thread_id,
@@ -355,7 +355,7 @@ def message_delete(*, actor: User, message_id: int) -> Message:
         message.body = ""
         message.body_html = ""
         message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html"])
-        _invalidate_message(message.pk)
+        _invalidate_message(message)
         Reaction.objects.filter(message=message).delete()
         from attachments.services import attachments_revoke_for_message
 
@@ -428,7 +428,7 @@ def message_restore(*, actor: User, message_id: int) -> Message:
     MessageEdit.objects.create(message=message, version=message.version, previous_body="", editor=actor)
     message.version += 1
     message.save(update_fields=["deleted_at", "deleted_by", "body", "body_html", "version"])
-    _invalidate_message(message.pk)
+    _invalidate_message(message)
     message = message_get_with_relations(message_id=message.pk)
     thread_event_record(
         thread_id=message.thread_id,
@@ -447,12 +447,12 @@ def _check_emoji(emoji: str) -> str:
     return emoji
 
 
-def _invalidate_message(message_id: int) -> None:
+def _invalidate_message(message: Message) -> None:
     """A message's cached payload, those of its replies (they quote it) and its parent's (its
     ``reply_count`` counts live replies: a delete or restore changes it)."""
-    reply_ids = list(Message.objects.filter(reply_to_id=message_id).values_list("pk", flat=True))
-    parent = Message.objects.filter(pk=message_id).values_list("reply_to_id", flat=True).first()
-    invalidate_on_commit("message", [message_id, *reply_ids, *([parent] if parent else [])])
+    reply_ids = list(Message.objects.filter(reply_to_id=message.pk).values_list("pk", flat=True))
+    parent = [message.reply_to_id] if message.reply_to_id else []
+    invalidate_on_commit("message", [message.pk, *reply_ids, *parent])
 
 
 def _reaction_event(*, message: Message, type: str, actor: User, emoji: str) -> None:

@@ -36,10 +36,14 @@ def daphne_protocol(send: Any) -> Any:
     return protocol
 
 
-def write_event(protocol: Any, message: dict[str, Any], *, zipped: bool) -> None:
-    """Write an event to one socket as a frame prepared once for every socket of the process."""
+def write_event(protocol: Any, message: dict[str, Any], *, zipped: bool) -> bool:
+    """Write an event to one socket as a frame prepared once for every socket of the process.
+
+    True when some of it waits in the server (the client is not taking it as fast): only then is
+    it worth asking :func:`unsent_bytes` how much.
+    """
     if protocol.state != protocol.STATE_OPEN:
-        return  # closing or closed: daphne ends the consumer; the client resumes from the log
+        return False  # closing or closed: daphne ends the consumer; the client resumes from the log
     key = ZIPPED_FRAME if zipped else TEXT_FRAME
     frame = message.get(key)
     if frame is None:
@@ -47,8 +51,8 @@ def write_event(protocol: Any, message: dict[str, Any], *, zipped: bool) -> None
         frame = message[key] = protocol.factory.prepareMessage(payload, isBinary=zipped)
     if protocol.send_queue or protocol._perMessageCompress is not None:
         protocol.sendPreparedMessage(frame)  # autobahn has frames queued, or compresses: its way
-    else:
-        write_now(protocol.transport, frame.payloadHybi)
+        return True
+    return write_now(protocol.transport, frame.payloadHybi)
 
 
 def unsent_bytes(protocol: Any) -> int:
@@ -59,14 +63,15 @@ def unsent_bytes(protocol: Any) -> int:
     return buffered + len(protocol.send_queue or ()) * 1024
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def write_now(transport: Any, data: bytes) -> bool:
     """``transport.write(data)``, written to the socket at once when nothing is waiting before it.
 
     Twisted's ``write`` only buffers: it registers the socket for writability, and the next turn of
     the loop writes it and unregisters it (two epoll changes and a callback per frame, ~a third of
     the event loop's time in a busy thread). With nothing buffered, ``writeSomeData`` (Twisted's
     "write as much as possible, immediately") sends it now and only a remainder is buffered, so
-    bytes still leave in order. A lost connection is left to Twisted's usual path.
+    bytes still leave in order. A lost connection is left to Twisted's usual path. True when some
+    of ``data`` (or earlier data) waits in Twisted's buffer.
     """
     if (
         not isinstance(transport, _tcp_connection())
@@ -76,13 +81,16 @@ def write_now(transport: Any, data: bytes) -> None:
         or transport.disconnecting
     ):
         transport.write(data)
-        return
+        return True
     sent = transport.writeSomeData(data)
     if isinstance(sent, BaseException):
         transport.write(data)  # Twisted notices the loss at its next write and closes as usual
-    elif sent < len(data):
+        return True
+    if sent < len(data):
         transport.write(data[sent:])
         metrics.socket_writes_buffered.inc()
+        return True
+    return False
 
 
 @functools.cache

@@ -95,9 +95,18 @@ SUBSCRIBED = """
 """
 
 
-def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[str, int] | None = None) -> Any:
+def open_chat(
+    browser: Any,
+    server: LiveServer,
+    user: User,
+    *init_scripts: str,
+    viewport: dict[str, int] | None = None,
+) -> Any:
+    """The chat page signed in as ``user``; ``init_scripts`` run before the page's own."""
     context = browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
     context.add_init_script(WATCH_SUBSCRIPTIONS)
+    for script in init_scripts:
+        context.add_init_script(script)
     context.add_cookies([session_cookie_for(user, server)])
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
@@ -107,6 +116,15 @@ def open_chat(browser: Any, server: LiveServer, user: User, *, viewport: dict[st
     page.goto(server.url + "/")
     page.wait_for_selector(".thread-item", state="attached")
     return page
+
+
+def eventually(page: Any, check: Callable[[], bool], *, what: str, timeout: float = TIMEOUT / 1000) -> None:
+    """Until ``check()`` (a database read, say) holds, polling without holding up the page."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        page.wait_for_timeout(100)
 
 
 def wait_until(page: Any, script: str, arg: Any = None, *, what: str) -> Any:

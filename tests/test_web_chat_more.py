@@ -26,7 +26,7 @@ from messaging.services import message_send
 from tests.browser import LiveServer
 from tests.budgets import clear_send_budgets, settle_send_window
 from tests.conftest import needs
-from tests.test_web_chat import TIMEOUT, off_loop, open_chat, shot, wait_connected, wait_until
+from tests.test_web_chat import TIMEOUT, eventually, off_loop, open_chat, shot, wait_connected, wait_until
 from threads.models import ThreadKind, ThreadParticipant
 from threads.services import participant_change_role, thread_create
 
@@ -576,12 +576,12 @@ def test_messages_elsewhere_raise_that_threads_unread_badge_live(
     badge.wait_for(state="detached")
     # The read receipt goes out batched (by the page, then by the server): poll the database for it.
     participant = ThreadParticipant.objects.get(thread=there, user=bob)
-    deadline = time.monotonic() + TIMEOUT / 1000
-    while True:
+
+    def read_up_to_last() -> bool:
         participant.refresh_from_db()
-        if participant.last_read_sequence >= last or time.monotonic() > deadline:
-            break
-        page.wait_for_timeout(100)
+        return participant.last_read_sequence >= last
+
+    eventually(page, read_up_to_last, what="the read mark in the database")
     assert participant.last_read_sequence == last
     page.reload()
     page.wait_for_selector(f'.thread-item[data-thread-id="{there.pk}"]')

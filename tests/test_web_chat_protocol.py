@@ -21,7 +21,7 @@ from messaging.models import Message
 from messaging.services import message_send, reaction_add
 from tests.browser import LiveServer, session_cookie_for
 from tests.conftest import needs
-from tests.test_web_chat import TIMEOUT, WATCH_SUBSCRIPTIONS, off_loop, png_bytes, wait_connected, wait_until
+from tests.test_web_chat import TIMEOUT, off_loop, open_chat, png_bytes, wait_connected, wait_until
 from tests.test_web_chat_more import open_thread
 from threads.services import thread_create
 
@@ -81,18 +81,7 @@ SOCKETS = "() => window.__sockets.map((s) => ({ opened: s.opened, code: s.code }
 
 def open_watched(browser: Any, server: LiveServer, user: User) -> Any:
     """``open_chat`` with the page's sockets watched (``WATCH_SOCKETS``)."""
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    context.add_init_script(WATCH_SUBSCRIPTIONS)
-    context.add_init_script(WATCH_SOCKETS)
-    context.add_cookies([session_cookie_for(user, server)])
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.js_errors = errors
-    page.goto(server.url + "/")
-    page.wait_for_selector(".thread-item", state="attached")
-    return page
+    return open_chat(browser, server, user, WATCH_SOCKETS)
 
 
 def sockets(page: Any) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ is not open keeps only its newest messages. Each test fails against the page bef
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,39 +20,13 @@ from accounts.models import User
 from accounts.services import user_password_changed, user_update_profile
 from messaging.models import Message, Notification
 from messaging.services import message_send, notifications_mark_read
-from tests.browser import LiveServer, session_cookie_for
+from tests.browser import LiveServer
 from tests.conftest import needs
-from tests.test_web_chat import TIMEOUT, WATCH_SUBSCRIPTIONS, off_loop, png_bytes, wait_connected, wait_until
+from tests.test_web_chat import TIMEOUT, eventually, off_loop, open_chat, png_bytes, wait_connected, wait_until
 from tests.test_web_chat_more import open_thread
 from threads.services import participant_settings_update, thread_create
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-def open_page(browser: Any, server: LiveServer, user: User, *init_scripts: str) -> Any:
-    """``open_chat`` with more init scripts, run before the page's own."""
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    context.add_init_script(WATCH_SUBSCRIPTIONS)
-    for script in init_scripts:
-        context.add_init_script(script)
-    context.add_cookies([session_cookie_for(user, server)])
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.js_errors = errors
-    page.goto(server.url + "/")
-    page.wait_for_selector(".thread-item", state="attached")
-    return page
-
-
-def eventually(page: Any, check: Callable[[], bool], *, what: str, timeout: float = TIMEOUT / 1000) -> None:
-    """Until ``check()`` (a database read, say) holds, polling without holding up the page."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        page.wait_for_timeout(100)
 
 
 def badge(page: Any) -> str:
@@ -84,7 +57,7 @@ def test_the_bell_lists_notifications_and_opening_one_marks_only_that_one(
     second, _ = off_loop(thread_create, creator=alice, title="Second", participant_ids=[bob.pk])
     look, _ = off_loop(message_send, sender=alice, thread_id=first.pk, body="@bob look here", client_msg_id="b1")
     also, _ = off_loop(message_send, sender=alice, thread_id=second.pk, body="@bob and here", client_msg_id="b2")
-    page = open_page(browser, live_daphne, bob)
+    page = open_chat(browser, live_daphne, bob)
     wait_connected(page)
     wait_badge(page, 2)
 
@@ -136,7 +109,7 @@ def test_notices_from_elsewhere_update_the_bell_the_tabs_and_names(
     off_loop(message_send, sender=alice, thread_id=group.pk, body="@bob one", client_msg_id="r1")
     two, _ = off_loop(message_send, sender=alice, thread_id=group.pk, body="@bob two", client_msg_id="r2")
     off_loop(message_send, sender=bob, thread_id=group.pk, body="hi from bob", client_msg_id="r3")
-    page = open_page(browser, live_daphne, bob)
+    page = open_chat(browser, live_daphne, bob)
     open_thread(page, group.pk)
     wait_badge(page, 2)
     page.click("#notif-btn")
@@ -224,7 +197,7 @@ def test_a_session_ended_elsewhere_leaves_nothing_in_this_browser(
     needs("redis")
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Secrets", participant_ids=[bob.pk])
-    page = open_page(browser, live_daphne, alice, DROP_SENDS)
+    page = open_chat(browser, live_daphne, alice, DROP_SENDS)
     open_thread(page, thread.pk)
     data_kept = "async () => await caches.has('chatapp-data-v1')"
     wait_until(page, data_kept, what="the offline copy of the conversations")
@@ -278,7 +251,7 @@ def test_a_send_whose_ack_never_came_is_sent_again_while_connected(
     needs("redis")
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Lossy", participant_ids=[bob.pk])
-    page = open_page(browser, live_daphne, alice, DROP_SENDS)
+    page = open_chat(browser, live_daphne, alice, DROP_SENDS)
     open_thread(page, thread.pk)
     page.evaluate(WATCH_QUEUED)
     page.evaluate("() => { window.__dropFirstSend = true; }")
@@ -319,7 +292,7 @@ def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Keys", participant_ids=[bob.pk])
     off_loop(message_send, sender=alice, thread_id=thread.pk, body="mine to act on", client_msg_id="k1")
-    page = open_page(browser, live_daphne, alice)
+    page = open_chat(browser, live_daphne, alice)
     open_thread(page, thread.pk)
     page.wait_for_selector("#messages .message .body:has-text('mine to act on')")
 
@@ -371,7 +344,7 @@ def test_threads_not_open_keep_only_their_newest_messages(
     alice, bob = make_user("alice"), make_user("bob")
     shown, _ = off_loop(thread_create, creator=alice, title="Shown", participant_ids=[bob.pk])
     behind, _ = off_loop(thread_create, creator=alice, title="Behind", participant_ids=[bob.pk])
-    page = open_page(browser, live_daphne, alice)
+    page = open_chat(browser, live_daphne, alice)
     open_thread(page, shown.pk)
 
     page.evaluate(FEED, [behind.pk, 250, alice.pk])

@@ -1911,11 +1911,13 @@
     window.addEventListener("offline", () => {
       if (!socket.connected) banner(OFFLINE_TEXT, "warn");
     });
-    // Clerk's sign-out (clerk.js) forgets the stored copies itself: nothing may write them back.
-    window.addEventListener("chatapp:signout", () => {
+    // Clerk's sign-out (clerk.js) calls this before signing out: nothing is written back, and the
+    // stored copies are forgotten (Clerk's sign-out does not pass through our logout's Clear-Site-Data).
+    window.chatappSignOut = async () => {
       state.signedOut = true;
       cancelResends();
-    });
+      await forgetStoredData();
+    };
     // Sign-out also forgets this browser's offline copies of the page and the conversations.
     const signout = document.querySelector("form.signout");
     if (signout) {

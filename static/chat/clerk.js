@@ -29,23 +29,9 @@
     const signOut = document.getElementById("clerk-signout");
     if (signOut) {
       signOut.addEventListener("click", async () => {
-        // Forget what this browser keeps of the conversations: the offline copies of the page and the
-        // data (sw.js) and the outbox in localStorage. Clerk's sign-out does not pass through our
-        // logout, whose Clear-Site-Data does the same for a local sign-out.
-        window.dispatchEvent(new Event("chatapp:signout")); // the chat page stops writing its outbox
-        try {
-          for (let i = localStorage.length - 1; i >= 0; i--) {
-            const key = localStorage.key(i);
-            if (key && key.startsWith("chatapp.")) localStorage.removeItem(key);
-          }
-        } catch (_) {
-          // Storage may be unavailable: signing out matters more.
-        }
-        try {
-          if ("caches" in window) await Promise.all((await caches.keys()).filter((k) => k.startsWith("chatapp-")).map((k) => caches.delete(k)));
-        } catch (_) {
-          // Same.
-        }
+        // The chat page (app.js) stops writing and forgets what this browser keeps of the
+        // conversations: the outbox in localStorage and the service worker's copies.
+        if (window.chatappSignOut) await window.chatappSignOut();
         await clerk.signOut();
         window.location.assign("/accounts/login/");
       });
