@@ -295,6 +295,9 @@ def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
     page = open_chat(browser, live_daphne, alice)
     open_thread(page, thread.pk)
     page.wait_for_selector("#messages .message .body:has-text('mine to act on')")
+    # The thread has finished opening (its details shown, in the same step as the page focuses the
+    # message box): a late focus no longer takes the keyboard from under the test.
+    page.wait_for_selector("#members-btn:not([hidden])")
 
     # From the message box, Shift+Tab reaches the attach button; Enter opens the file chooser.
     page.focus("#input")
