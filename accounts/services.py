@@ -18,7 +18,7 @@ from accounts.clerk import REVOKED_SESSION_TTL, revoked_session_key
 from accounts.models import AuditEntry, SystemRole, User, WebhookDelivery
 from chatapp.broadcast import user_event_on_commit
 from chatapp.cache import invalidate_on_commit
-from chatapp.errors import Conflict, Forbidden, InvalidInput
+from chatapp.errors import Conflict, InvalidInput
 from threads import policy
 
 PREFERENCES_MAX_KEYS = 50
@@ -114,8 +114,7 @@ def user_set_system_role(*, actor: User | None, user: User, role: str) -> User:
     """Set a system role; OWNER/ADMIN are staff for the admin. Only a system OWNER (or a script) may do it."""
     if role not in SystemRole.values:
         raise InvalidInput(fields={"system_role": [f"Must be one of {', '.join(SystemRole.values)}."]})
-    if actor is not None and actor.system_role != SystemRole.OWNER:
-        raise Forbidden("Only a system owner can change system roles.")
+    policy.check_set_system_role(actor=actor)
     previous = user.system_role
     user.system_role = role
     user.is_staff = role in (SystemRole.OWNER, SystemRole.ADMIN)

@@ -172,3 +172,98 @@ def test_admin_is_refused_to_non_staff(client: Any, make_user: Callable[..., Use
     user_deactivate(actor=None, user=staff)
     client.force_login(User.objects.get(pk=staff.pk))
     assert client.get("/admin/").status_code == 302
+
+
+# Who may give each thread role and whom each may act on, by hand from the design: only an OWNER makes
+# (or unmakes) ADMINs and OWNERs, by any path; an ADMIN adds and removes MEMBERs.
+GRANT_NEEDS = {"MEMBER": "ADMIN", "ADMIN": "OWNER", "OWNER": "OWNER"}
+MANAGE_NEEDS = {"MEMBER": "ADMIN", "ADMIN": "OWNER", "OWNER": "OWNER"}
+
+
+def expected_for(actor_kind: str, least: str, allowed: int) -> int:
+    role = EFFECTIVE_ROLE[actor_kind]
+    if role is None:
+        return 404
+    return allowed if ROLE_ORDER.index(role) >= ROLE_ORDER.index(least) else 403
+
+
+def role_of(world: World, user: User) -> str | None:
+    return ThreadParticipant.objects.filter(thread=world.thread, user=user).values_list("role", flat=True).first()
+
+
+@pytest.mark.parametrize("actor_kind", list(ACTORS))
+@pytest.mark.parametrize("role", ["MEMBER", "ADMIN", "OWNER"])
+def test_only_an_owner_grants_admin_or_owner_by_adding(
+    role: str, actor_kind: str, make_user: Callable[..., User]
+) -> None:
+    world = build(make_user, actor_kind)
+    client = APIClient()
+    client.force_authenticate(world.actor)
+    url = f"/api/v1/threads/{world.thread.pk}/participants"
+    response = client.post(url, {"user_id": world.newcomer.pk, "role": role}, format="json")
+    expected = expected_for(actor_kind, GRANT_NEEDS[role], 201)
+    assert response.status_code == expected, (role, actor_kind, response.content)
+    assert role_of(world, world.newcomer) == (role if expected == 201 else None)
+
+
+@pytest.mark.parametrize("actor_kind", ["thread-admin", "system-admin", "thread-owner", "system-owner"])
+@pytest.mark.parametrize("role", ["ADMIN", "OWNER"])
+def test_only_an_owner_grants_admin_or_owner_by_removing_and_adding_again(
+    role: str, actor_kind: str, make_user: Callable[..., User]
+) -> None:
+    world = build(make_user, actor_kind)
+    client = APIClient()
+    client.force_authenticate(world.actor)
+    url = f"/api/v1/threads/{world.thread.pk}/participants"
+    assert client.delete(f"{url}/{world.target.pk}").status_code == 204  # a MEMBER: ADMIN+ may remove them
+    response = client.post(url, {"user_id": world.target.pk, "role": role}, format="json")
+    expected = expected_for(actor_kind, GRANT_NEEDS[role], 201)
+    assert response.status_code == expected, (role, actor_kind, response.content)
+    assert role_of(world, world.target) == (role if expected == 201 else None)
+
+
+@pytest.mark.parametrize("actor_kind", list(ACTORS))
+@pytest.mark.parametrize("target_role", ["MEMBER", "ADMIN", "OWNER"])
+def test_an_admin_removes_members_only(target_role: str, actor_kind: str, make_user: Callable[..., User]) -> None:
+    # Removing an ADMIN and adding them back as a MEMBER would be a demotion, which only an OWNER makes.
+    world = build(make_user, actor_kind)
+    ThreadParticipant.objects.filter(thread=world.thread, user=world.target).update(role=target_role)
+    client = APIClient()
+    client.force_authenticate(world.actor)
+    response = client.delete(f"/api/v1/threads/{world.thread.pk}/participants/{world.target.pk}")
+    expected = expected_for(actor_kind, MANAGE_NEEDS[target_role], 204)
+    assert response.status_code == expected, (target_role, actor_kind, response.content)
+    assert role_of(world, world.target) == (None if expected == 204 else target_role)
+
+
+def test_the_admin_site_follows_the_same_rules(make_user: Callable[..., User]) -> None:
+    from tests.test_admin import run_action, staff_client
+
+    world = build(make_user, "thread-member")
+    ThreadParticipant.objects.filter(thread=world.thread, user=world.target).update(role=ThreadRole.ADMIN)
+    target = ThreadParticipant.objects.get(thread=world.thread, user=world.target)
+    moderator = staff_client(make_user("mod", role=SystemRole.ADMIN))
+    shown = run_action(moderator, "/admin/threads/threadparticipant/", "remove_participants", [target.pk])
+    assert shown[0].endswith("Only an owner can remove or change an admin.")
+    assert role_of(world, world.target) == ThreadRole.ADMIN
+    boss = staff_client(make_user("boss", role=SystemRole.OWNER))
+    assert run_action(boss, "/admin/threads/threadparticipant/", "remove_participants", [target.pk]) == [
+        "Removed 1 participant(s)."
+    ]
+    assert role_of(world, world.target) is None
+
+
+def test_only_an_active_system_owner_changes_system_roles(make_user: Callable[..., User]) -> None:
+    # A system role reaches every thread: a system ADMIN who made ADMINs would grant ADMIN everywhere.
+    from accounts.services import user_deactivate, user_set_system_role
+    from chatapp.errors import Forbidden
+
+    someone = make_user("someone")
+    with pytest.raises(Forbidden):
+        user_set_system_role(actor=make_user("mod", role=SystemRole.ADMIN), user=someone, role=SystemRole.ADMIN)
+    former = make_user("former", role=SystemRole.OWNER)
+    user_deactivate(actor=None, user=former)
+    with pytest.raises(Forbidden):
+        user_set_system_role(actor=former, user=someone, role=SystemRole.ADMIN)
+    boss = make_user("boss", role=SystemRole.OWNER)
+    assert user_set_system_role(actor=boss, user=someone, role=SystemRole.ADMIN).system_role == SystemRole.ADMIN

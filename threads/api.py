@@ -227,7 +227,7 @@ class ParticipantDetailApi(ChatApiView):
         return Response(participant_payload(participant))
 
     @extend_schema(
-        summary="Remove a participant (ADMIN+; an ADMIN cannot remove an OWNER)",
+        summary="Remove a participant (ADMIN+; an ADMIN removes MEMBERs only; never the last OWNER)",
         responses={204: None, **error_responses(403, 404, 409)},
     )
     def delete(self, request: Request, thread_id: int, user_id: int) -> Response:

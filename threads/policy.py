@@ -109,24 +109,57 @@ def check_message_author(*, user: User, author_id: int, role: ThreadRole, own: A
         raise Forbidden("Only the author can do that." if other is None else "Only moderators can do that.")
 
 
-def check_manage_target(*, actor_role: ThreadRole, target_role: str, new_role: str | None = None) -> None:
-    """Rules for removing a participant or changing a role.
+# Who may give each thread role (adding someone with it, or changing a role to it), and who may act on
+# (remove, change the role of) a participant who holds it: the least effective role. Only an OWNER
+# makes or unmakes ADMINs and OWNERs, by any path: an ADMIN who removed an ADMIN could re-add them as a
+# MEMBER, a demotion under another name. System roles count through the effective role (a system
+# OWNER acts as an OWNER in every thread, a system ADMIN as an ADMIN).
+GRANT: dict[ThreadRole, ThreadRole] = {
+    ThreadRole.MEMBER: ThreadRole.ADMIN,
+    ThreadRole.ADMIN: ThreadRole.OWNER,
+    ThreadRole.OWNER: ThreadRole.OWNER,
+}
+MANAGE: dict[ThreadRole, ThreadRole] = {
+    ThreadRole.MEMBER: ThreadRole.ADMIN,
+    ThreadRole.ADMIN: ThreadRole.OWNER,
+    ThreadRole.OWNER: ThreadRole.OWNER,
+}
 
-    An ADMIN cannot remove or demote an OWNER, nor grant a role above their own.
-    """
-    if target_role == ThreadRole.OWNER and actor_role != ThreadRole.OWNER:
-        raise Forbidden("Only an owner can remove or change another owner.")
-    if new_role is not None and RANK[new_role] > RANK[actor_role]:
-        raise Forbidden("You cannot grant a role above your own.")
+
+def check_grant(*, actor_role: ThreadRole, new_role: str) -> None:
+    """May ``actor_role`` give ``new_role`` (adding a participant with it, or changing a role to it)?"""
+    if RANK[actor_role] < RANK[GRANT[ThreadRole(new_role)]]:
+        raise Forbidden("Only an owner can make someone an admin or an owner.")
+
+
+def check_manage_target(*, actor_role: ThreadRole, target_role: str, new_role: str | None = None) -> None:
+    """Rules for removing a participant or changing a role: an ADMIN acts on MEMBERs only, and only an
+    OWNER grants ADMIN or OWNER. Callers read ``target_role`` under the thread's lock."""
+    if RANK[actor_role] < RANK[MANAGE[ThreadRole(target_role)]]:
+        if target_role == ThreadRole.OWNER:
+            raise Forbidden("Only an owner can remove or change another owner.")
+        raise Forbidden("Only an owner can remove or change an admin.")
+    if new_role is not None:
+        check_grant(actor_role=actor_role, new_role=new_role)
 
 
 def check_not_last_owner(*, owners: int, target_role: str, new_role: str | None = None) -> None:
-    """The last OWNER cannot leave, be removed or be demoted (409)."""
+    """The last OWNER cannot leave, be removed or be demoted (409). ``owners`` is counted under the
+    thread's row lock, which every membership change takes first: two owners leaving at once are
+    serialised, and the second sees the first gone."""
     leaving_owner = target_role == ThreadRole.OWNER and (new_role is None or new_role != ThreadRole.OWNER)
     if leaving_owner and owners <= 1:
         raise Conflict(
             "The thread's last owner cannot leave or be demoted; promote someone first.", reason="last_owner"
         )
+
+
+def check_set_system_role(*, actor: User | None) -> None:
+    """Only a system OWNER changes system roles (``actor`` None: the system itself, a script or Clerk's
+    metadata): a system role reaches every thread, so a system ADMIN making ADMINs would grant ADMIN
+    in every thread."""
+    if actor is not None and not (is_usable(actor) and actor.system_role == SystemRole.OWNER):
+        raise Forbidden("Only a system owner can change system roles.")
 
 
 def can_use_admin(user: User | None) -> bool:

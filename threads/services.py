@@ -13,7 +13,7 @@ from chatapp.cache import invalidate_on_commit
 from chatapp.errors import Conflict, InvalidInput, NotFound
 from threads import events, policy
 from threads.models import Thread, ThreadKind, ThreadParticipant, ThreadRole
-from threads.selectors import thread_get_for_member, thread_owner_count
+from threads.selectors import ThreadAccess, thread_get_for_member, thread_owner_count
 
 MAX_INITIAL_PARTICIPANTS = 500
 MAX_TITLE_LENGTH = 200
@@ -38,6 +38,23 @@ def _check_title(title: str) -> str:
     if len(title) > MAX_TITLE_LENGTH:
         raise InvalidInput(fields={"title": [f"At most {MAX_TITLE_LENGTH} characters."]})
     return title
+
+
+def _access_locked(*, actor: User, thread_id: int, action: policy.Action) -> ThreadAccess:
+    """The actor's access to a thread, checked again under the thread's row lock, for a change of its
+    membership, roles or the thread itself.
+
+    Every such change locks the thread's row first (``SELECT ... FOR NO KEY UPDATE``: the strength of
+    the ``UPDATE`` a send's sequence takes, so it queues behind every writer of the thread, while
+    inserts that only reference the thread, such as an upload, do not wait). What it then reads (the
+    actor's role, the target's, the owners) cannot change until it commits: two owners leaving, demoting
+    or removing each other at once are serialised, and the second sees what the first did. The first
+    check, before the lock, keeps those who may not act from taking it at all. Must run inside a
+    transaction; the lock order is the thread, then participant rows (as a send's read mark).
+    """
+    thread_get_for_member(thread_id=thread_id, user=actor, action=action)
+    list(Thread.objects.select_for_update(no_key=True).filter(pk=thread_id).values_list("pk"))
+    return thread_get_for_member(thread_id=thread_id, user=actor, action=action)
 
 
 def thread_create(
@@ -99,7 +116,7 @@ def thread_create(
 @transaction.atomic
 def thread_rename(*, actor: User, thread_id: int, title: str) -> Thread:
     """Rename (last write wins). Broadcasts ``thread.updated``."""
-    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.RENAME)
+    access = _access_locked(actor=actor, thread_id=thread_id, action=policy.Action.RENAME)
     thread = access.thread
     thread.title = _check_title(title)
     thread.save(update_fields=["title", "updated_at"])
@@ -113,7 +130,7 @@ def thread_rename(*, actor: User, thread_id: int, title: str) -> Thread:
 @transaction.atomic
 def thread_delete(*, actor: User, thread_id: int) -> None:
     """Soft-delete a thread (OWNER). Broadcasts ``thread.deleted`` to the thread and each member."""
-    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.DELETE_THREAD)
+    access = _access_locked(actor=actor, thread_id=thread_id, action=policy.Action.DELETE_THREAD)
     thread = access.thread
     member_ids = list(ThreadParticipant.objects.filter(thread=thread).values_list("user_id", flat=True))
     thread_event_record(thread_id=thread.pk, type="thread.deleted", data={"thread_id": thread.pk, "by": actor.pk})
@@ -162,10 +179,10 @@ def participant_add(
     participant has read and been delivered everything before they joined: the thread's history
     is not unread for them, and their marks do not lower the receipts of earlier messages.
     """
-    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.ADD_MEMBER)
     if role not in ThreadRole.values:
         raise InvalidInput(fields={"role": [f"Must be one of {', '.join(ThreadRole.values)}."]})
-    policy.check_manage_target(actor_role=access.role, target_role=ThreadRole.MEMBER, new_role=role)
+    access = _access_locked(actor=actor, thread_id=thread_id, action=policy.Action.ADD_MEMBER)
+    policy.check_grant(actor_role=access.role, new_role=role)
     (user,) = _active_users([user_id], field="user_id")
     participant, created = ThreadParticipant.objects.get_or_create(
         thread=access.thread, user=user, defaults={"role": role}
@@ -221,11 +238,14 @@ def _remove(*, actor: User, participant: ThreadParticipant, reason: str) -> None
 
 @transaction.atomic
 def participant_remove(*, actor: User, thread_id: int, user_id: int) -> None:
-    """Remove someone (ADMIN+; an ADMIN cannot remove an OWNER; never the last OWNER)."""
+    """Remove someone (ADMIN+; an ADMIN removes MEMBERs only; never the last OWNER).
+
+    Broadcasts ``thread.participant_removed`` to the thread and ``thread.removed`` to the user.
+    """
     if user_id == actor.pk:
         thread_leave(user=actor, thread_id=thread_id)
         return
-    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.REMOVE_MEMBER)
+    access = _access_locked(actor=actor, thread_id=thread_id, action=policy.Action.REMOVE_MEMBER)
     target = _participant_for_update(thread_id, user_id)
     policy.check_manage_target(actor_role=access.role, target_role=target.role)
     policy.check_not_last_owner(owners=thread_owner_count(thread_id=thread_id), target_role=target.role)
@@ -235,8 +255,8 @@ def participant_remove(*, actor: User, thread_id: int, user_id: int) -> None:
 
 @transaction.atomic
 def thread_leave(*, user: User, thread_id: int) -> None:
-    """Leave a thread; the last OWNER must hand over first (409)."""
-    access = thread_get_for_member(thread_id=thread_id, user=user, action=policy.Action.LEAVE)
+    """Leave a thread; the last OWNER must hand over first (409). Broadcasts as ``participant_remove``."""
+    access = _access_locked(actor=user, thread_id=thread_id, action=policy.Action.LEAVE)
     if access.participant is None:
         raise NotFound("You are not a participant of this thread.")
     target = _participant_for_update(thread_id, user.pk)
@@ -249,7 +269,7 @@ def participant_change_role(*, actor: User, thread_id: int, user_id: int, role: 
     """Change a thread role (OWNER). The last OWNER cannot be demoted. Broadcasts ``thread.role_changed``."""
     if role not in ThreadRole.values:
         raise InvalidInput(fields={"role": [f"Must be one of {', '.join(ThreadRole.values)}."]})
-    access = thread_get_for_member(thread_id=thread_id, user=actor, action=policy.Action.CHANGE_ROLE)
+    access = _access_locked(actor=actor, thread_id=thread_id, action=policy.Action.CHANGE_ROLE)
     target = _participant_for_update(thread_id, user_id)
     policy.check_manage_target(actor_role=access.role, target_role=target.role, new_role=role)
     policy.check_not_last_owner(owners=thread_owner_count(thread_id=thread_id), target_role=target.role, new_role=role)

@@ -1687,7 +1687,7 @@
       } else {
         row.append(el("span", { class: "role", text: p.role.toLowerCase() }));
       }
-      const canRemove = detail.kind !== "DIRECT" && p.user.id !== me.id && (myRole === "OWNER" || (myRole === "ADMIN" && p.role !== "OWNER"));
+      const canRemove = detail.kind !== "DIRECT" && p.user.id !== me.id && (myRole === "OWNER" || (myRole === "ADMIN" && p.role === "MEMBER"));
       if (canRemove) {
         row.append(el("button", { type: "button", class: "link-btn", text: "Remove", onclick: () => memberAction(() => api("DELETE", "/threads/" + detail.id + "/participants/" + p.user.id)) }));
       }
