@@ -10,6 +10,8 @@ Scenarios (docs/benchmarks.md):
 2. Idle: 2,000 authenticated connections opened at once: connect-storm time and failures,
    memory per connection, database queries per connect (the app), against both baselines.
 3. Scale-out: scenario 1 with the members spread over two app processes, against one.
+4. History: in a 100,000-message thread, the first page against pages 50,000 and 90,000 back
+   (bench/history.py), as ratios; ``--only history`` runs it alone (a few minutes).
 
 Everything runs on 127.0.0.1; every loop is bounded; a full run takes about 20-25 minutes.
 """
@@ -28,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench import history
 from bench.load import Target, connect_storm, rising_rates
 from bench.servers import ServerProcess, start_all
 
@@ -113,7 +116,9 @@ def flush_redis() -> None:
     client.close()
 
 
-def app_servers(count: int, layer: str, cpus: float | None = None) -> list[ServerProcess]:
+def app_servers(
+    count: int, layer: str, cpus: float | None = None, extra_env: dict[str, str] | None = None
+) -> list[ServerProcess]:
     """``count`` app processes on ``layer``; with ``cpus``, each held to that many CPUs (``CpuBudget``)."""
     servers = [ServerProcess.daphne("bench.instrumented:application") for _ in range(count)]
     if cpus is not None:
@@ -130,6 +135,7 @@ def app_servers(count: int, layer: str, cpus: float | None = None) -> list[Serve
         "CHATAPP_SENDS_PER_MINUTE": "100000000",
         "CHATAPP_LOG_LEVEL": "WARNING",
         "CHATAPP_CHANNEL_LAYER": layer,
+        **(extra_env or {}),
     }
     return start_all(servers, env)
 
@@ -259,7 +265,40 @@ def scale_out(
     return {"cpus": cpus, "one": median_run(one), "two": median_run(two)}
 
 
-SCENARIOS = ("fanout", "idle", "scale")
+def history_pages(layer: str, cookie: str, rounds: int) -> dict[str, Any]:
+    """Scenario 4 (bench/history.py): the first history page against pages deep in a long thread."""
+    from accounts.models import User
+
+    reader = User.objects.get(username="bench0")  # ``cookie`` is theirs
+    thread_id, last = history.seed_history_thread(creator_id=reader.pk, member_ids=[], count=history.HISTORY_MESSAGES)
+    plans = {}
+    for depth in history.HISTORY_DEPTHS:
+        anchor = {"before": last + 1 - depth} if depth else {}
+        scans = history.page_plans(thread_id=thread_id, user_id=reader.pk, **anchor)
+        plans[depth] = sorted({node for statement in scans for node in statement})
+    # Only the pages are measured here, not the API's per-user budget.
+    unlimited = {"CHATAPP_API_RATE_PER_USER": "100000000/m", "CHATAPP_API_RATE_PER_IP": "100000000/m"}
+    servers = app_servers(1, layer, extra_env=unlimited)
+    try:
+        rows = history.measure(
+            port=servers[0].port,
+            cookie=cookie,
+            thread_id=thread_id,
+            last_sequence=last,
+            depths=history.HISTORY_DEPTHS,
+            rounds=rounds,
+        )
+    finally:
+        for server in servers:
+            server.close()
+        flush_redis()
+    for row in rows:
+        row["plan"] = plans[row["depth"]]
+        print(f"    {row}", flush=True)
+    return {"messages": history.HISTORY_MESSAGES, "rounds": rounds, "pages": rows}
+
+
+SCENARIOS = ("fanout", "idle", "scale", "history")
 
 
 def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
@@ -326,6 +365,11 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
         except OSError as exc:  # no writable cgroup CPU controller here: say so in the report
             print(f"    not measurable here: {exc}", flush=True)
             report["scale_out_budgeted"] = {"error": str(exc)}
+
+    if "history" in wanted:
+        print(f"4. history pages in a {history.HISTORY_MESSAGES:,}-message thread", flush=True)
+        rounds = history.HISTORY_ROUNDS // 6 if quick else history.HISTORY_ROUNDS
+        report["history"] = history_pages(layer, cookies[0], rounds)
     report["minutes"] = round((time.monotonic() - started) / 60, 1)
     return report
 
@@ -378,6 +422,19 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- two processes / one{budget}: {scale['two']['capacity'] / scale['one']['capacity']:.2f}")
     if "error" in report.get("scale_out_budgeted", {}):
         lines.append(f"- two processes / one, CPU-budgeted: not measured ({report['scale_out_budgeted']['error']})")
+    if "history" in report:
+        lines += [
+            "",
+            f"| history page ({report['history']['messages']:,}-message thread, {report['history']['rounds']} rounds) "
+            "| median (ms) | p90 (ms) | / first page | queries | message-table scans |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in report["history"]["pages"]:
+            label = "first page" if row["depth"] == 0 else f"{row['depth']:,} back"
+            lines.append(
+                f"| {label} | {row['median_ms']} | {row['p90_ms']} | {row['ratio']} | {row['queries']} "
+                f"| {', '.join(row['plan'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
