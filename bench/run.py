@@ -11,7 +11,7 @@ Scenarios (docs/benchmarks.md):
    memory per connection, database queries per connect (the app), against both baselines.
 3. Scale-out: scenario 1 with the members spread over two app processes, against one.
 4. History: in a 100,000-message thread, the first page against pages 50,000 and 90,000 back
-   (bench/history.py), as ratios; ``--only history`` runs it alone (a few minutes).
+   (bench/history.py), as ratios; ``--only history`` runs it alone (under a minute).
 
 Everything runs on 127.0.0.1; every loop is bounded; a full run takes about 20-25 minutes.
 """

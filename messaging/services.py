@@ -71,14 +71,20 @@ def _message_for_action(*, actor: User, message_id: int, action: policy.Action) 
     return message, access.role
 
 
-def _lock_message(message_id: int) -> Message:
+def _lock_message(message_id: int, *, actor: User, action: policy.Action) -> tuple[Message, policy.ThreadRole]:
     """Lock a message for a change, in the order every message write uses: the message row first
     (FOR NO KEY UPDATE, which a reply's foreign-key check does not wait for), then its thread's (where
     sequences are taken). Read under both, the message is current and no write in the thread
-    (a reply quoting it, a reaction) commits between this change and its event."""
+    (a reply quoting it, a reaction) commits between this change and its event. The actor's role is
+    read again under them too (membership changes take the thread's lock): a removal or demotion that
+    committed while this write waited is seen, and the write refused."""
     message = Message.objects.select_for_update(no_key=True).get(pk=message_id)
     Thread.objects.select_for_update().filter(pk=message.thread_id).values_list("pk").get()
-    return message
+    try:
+        access = thread_get_for_member(thread_id=message.thread_id, user=actor, action=action)
+    except NotFound:
+        raise NotFound("Message not found.") from None
+    return message, access.role
 
 
 def _existing_send(*, sender: User, client_msg_id: str, thread_id: int) -> Message | None:
@@ -293,7 +299,7 @@ def message_edit(*, actor: User, message_id: int, body: str, expected_version: i
         policy.check_message_author(
             user=actor, author_id=message.sender_id, role=role, own=policy.Action.EDIT_OWN, other=None
         )
-        message = _lock_message(message.pk)
+        message, _ = _lock_message(message.pk, actor=actor, action=policy.Action.EDIT_OWN)
         if message.is_deleted:
             raise Conflict("The message was deleted.", reason="deleted")
         merged = False
@@ -331,6 +337,12 @@ def message_edit(*, actor: User, message_id: int, body: str, expected_version: i
     return message, merged
 
 
+def _check_may_delete(*, actor: User, message: Message, role: policy.ThreadRole) -> None:
+    policy.check_message_author(
+        user=actor, author_id=message.sender_id, role=role, own=policy.Action.DELETE_OWN, other=policy.Action.MODERATE
+    )
+
+
 def message_delete(*, actor: User, message_id: int) -> Message:
     """Soft-delete: a tombstone stays, the body, reactions and files are gone. Broadcasts ``message.deleted``.
 
@@ -339,14 +351,9 @@ def message_delete(*, actor: User, message_id: int) -> Message:
     """
     with transaction.atomic():
         message, role = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.DELETE_OWN)
-        policy.check_message_author(
-            user=actor,
-            author_id=message.sender_id,
-            role=role,
-            own=policy.Action.DELETE_OWN,
-            other=policy.Action.MODERATE,
-        )
-        message = _lock_message(message.pk)
+        _check_may_delete(actor=actor, message=message, role=role)
+        message, role = _lock_message(message.pk, actor=actor, action=policy.Action.DELETE_OWN)
+        _check_may_delete(actor=actor, message=message, role=role)  # a moderator demoted meanwhile
         if message.is_deleted:
             return message_get_with_relations(message_id=message.pk)
         removed_body = message.body
@@ -408,7 +415,7 @@ def message_restore(*, actor: User, message_id: int) -> Message:
     A message its author deleted is gone for good: Conflict.
     """
     message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.MODERATE)
-    message = _lock_message(message.pk)
+    message, _ = _lock_message(message.pk, actor=actor, action=policy.Action.MODERATE)
     if not message.is_deleted:
         return message
     entry = (
@@ -475,7 +482,7 @@ def _message_for_reaction(*, actor: User, message_id: int) -> Message:
     """The message, locked: its state (deleted?) is read under the lock, so a reaction never lands on
     a message deleted meanwhile."""
     message, _ = _message_for_action(actor=actor, message_id=message_id, action=policy.Action.REACT)
-    return _lock_message(message.pk)
+    return _lock_message(message.pk, actor=actor, action=policy.Action.REACT)[0]
 
 
 def reaction_add(*, actor: User, message_id: int, emoji: str) -> bool:

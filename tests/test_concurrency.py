@@ -307,6 +307,41 @@ def test_an_add_that_waited_out_its_actors_demotion_is_refused(
     assert [(e["type"], e["data"]["user_id"]) for e in received] == [("thread.role_changed", b.pk)]
 
 
+def test_a_moderation_that_waited_out_the_moderators_demotion_is_refused(
+    make_user: Callable[..., User], events: Callable[..., EventCapture]
+) -> None:
+    # b, an ADMIN, deletes a member's message while the owner demotes b: the delete, which checked b's
+    # role before the thread's lock, reads it again under it and is refused (a MEMBER does not moderate).
+    thread, a, b, member = two_owner_thread(make_user)
+    participant_change_role(actor=a, thread_id=thread.pk, user_id=b.pk, role=ThreadRole.ADMIN)
+    words, _ = message_send(sender=member, thread_id=thread.pk, body="words", client_msg_id="words")
+    capture = events(thread_group(thread.pk))
+    demote, delete = race(
+        thread.pk,
+        lambda: participant_change_role(actor=a, thread_id=thread.pk, user_id=b.pk, role=ThreadRole.MEMBER),
+        lambda: message_delete(actor=b, message_id=words.pk),
+    )
+    assert demote.error is None
+    assert isinstance(delete.error, Forbidden)
+    assert not Message.objects.get(pk=words.pk).is_deleted
+    received = events_until(capture, 1)
+    assert [(e["type"], e["data"]["user_id"]) for e in received] == [("thread.role_changed", b.pk)]
+
+
+def test_a_reaction_that_waited_out_its_authors_removal_is_refused(
+    alice: User, bob: User, thread: Thread, parent: Message
+) -> None:
+    remove, react = race(
+        thread.pk,
+        lambda: participant_remove(actor=alice, thread_id=thread.pk, user_id=bob.pk),
+        lambda: reaction_add(actor=bob, message_id=parent.pk, emoji="👍"),
+    )
+    assert remove.error is None
+    assert isinstance(react.error, NotFound)
+    assert not Reaction.objects.filter(message=parent).exists()
+    assert ThreadEvent.objects.filter(thread=thread).order_by("sequence").last().type == "thread.participant_removed"  # type: ignore[union-attr]
+
+
 def test_two_owners_leaving_at_once_over_rest_always_leave_one_owner(make_user: Callable[..., User]) -> None:
     # The way it was found: both owners' clients press "Leave" at the same moment, each request on its
     # own connection, started together by a barrier, again and again. One leaves; the other is told 409
