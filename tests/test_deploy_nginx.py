@@ -204,6 +204,7 @@ def production_env() -> dict[str, str]:
 def deployment(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     needs("postgres")
     needs("redis")
+    assert Path(NGINX).exists(), f"{NGINX} is missing: run `scripts/testenv.py ensure` (apt-get install nginx)"
     root = tmp_path_factory.mktemp("nginx-deploy")
     prefix, data = root / "nginx", root / "data"
     prefix.mkdir()
