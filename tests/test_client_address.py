@@ -133,7 +133,8 @@ def test_a_client_written_x_forwarded_for_does_not_buy_a_fresh_password_budget(
     from chatapp.asgi import application
 
     make_user("alice")
-    settings.AUTH_TOKEN_RATE_PER_IP = "3/h"  # hourly: a fixed window boundary inside the test is unlikely
+    # Daily: django-ratelimit's windows are fixed, and a boundary inside the test would reset the count.
+    settings.AUTH_TOKEN_RATE_PER_IP = "3/d"
     assert settings.TRUSTED_PROXY_COUNT == 0
 
     async def attempts() -> list[int]:
@@ -148,8 +149,8 @@ def test_a_client_written_x_forwarded_for_does_not_buy_a_fresh_password_budget(
 
 @pytest.mark.smoke
 def test_ipv6_clients_share_their_64s_budget(alice: User, settings: Any) -> None:
-    settings.AUTH_TOKEN_RATE_PER_IP = "2/h"
-    settings.AUTH_RATE_PER_ACCOUNT = "100/h"
+    settings.AUTH_TOKEN_RATE_PER_IP = "2/d"
+    settings.AUTH_RATE_PER_ACCOUNT = "100/d"
     codes = [token_login("alice", "wrong", REMOTE_ADDR=f"2001:db8:1:2::{n:x}").status_code for n in range(1, 4)]
     assert codes == [401, 401, 429]
     assert token_login("alice", REMOTE_ADDR="2001:db8:1:3::1").status_code == 200  # the next /64 is another client
@@ -206,9 +207,9 @@ def test_x_forwarded_proto_counts_only_from_a_trusted_proxy(tmp_path: Path, hops
 
 @pytest.fixture
 def account_budget(settings: Any) -> None:
-    """A per-account budget of 3 (hourly: no window boundary inside a test), per-address ones to spare."""
-    settings.AUTH_RATE_PER_ACCOUNT = "3/h"
-    settings.AUTH_TOKEN_RATE_PER_IP = "100/h"
+    """A per-account budget of 3 (daily: no window boundary inside a test), per-address ones to spare."""
+    settings.AUTH_RATE_PER_ACCOUNT = "3/d"
+    settings.AUTH_TOKEN_RATE_PER_IP = "100/d"
 
 
 def distributed_guess(username: str, attempts: int, first_host: int = 1) -> list[int]:
@@ -277,7 +278,7 @@ def test_a_known_device_has_a_budget_of_its_own(alice: User, account_budget: Non
 
 @pytest.mark.smoke
 def test_a_known_browser_still_spends_its_address_budget(alice: User, settings: Any) -> None:
-    settings.AUTH_TOKEN_RATE_PER_IP = "2/h"
+    settings.AUTH_TOKEN_RATE_PER_IP = "2/d"
     browser = Client()
     assert page_login(browser, "alice", REMOTE_ADDR="192.0.2.30").status_code == 302
     browser.post("/accounts/logout/")  # signs out; the browser keeps its other cookies
