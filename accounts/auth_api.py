@@ -1,7 +1,8 @@
 """``/api/v1/auth/token``: a DRF API token for a local username/password (POST), revoke mine (DELETE).
 
 POST needs no authentication (a stale credential in the request must not block logging in) and
-is rate-limited per client IP, counted on every attempt, before the password is checked.
+is rate-limited per client IP and per account, counted on every attempt, before the password is
+checked; a successful one sets the known-device cookie (chatapp.known_device).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.services import user_token_issue, user_token_revoke
+from chatapp import known_device
 from chatapp.api import StrictSerializer, TextField, current_user, error_responses, parse
 from chatapp.errors import Unauthenticated
 from chatapp.ratelimit import api_rate_check, password_attempt_check
@@ -45,7 +47,8 @@ class TokenApi(APIView):
 
     def check_throttles(self, request: Request) -> None:
         if request.method == "POST":
-            password_attempt_check(request)
+            username = request.data.get("username") if isinstance(request.data, dict) else None
+            password_attempt_check(request, username=username if isinstance(username, str) else "")
         else:
             api_rate_check(request)
         super().check_throttles(request)
@@ -63,7 +66,9 @@ class TokenApi(APIView):
         if user is None:
             # Wrong password, unknown or deactivated user, or a Clerk-only user: one answer for all.
             raise Unauthenticated("Unable to log in with the provided credentials.")
-        return Response({"token": user_token_issue(user=user)})  # type: ignore[arg-type]
+        response = Response({"token": user_token_issue(user=user)})  # type: ignore[arg-type]
+        known_device.remember(response, username=data["username"])
+        return response
 
     @extend_schema(summary="Revoke my API token", request=None, responses={204: None, **error_responses()})
     def delete(self, request: Request) -> Response:

@@ -13,14 +13,13 @@ from prometheus_client.exposition import choose_encoder
 
 from chatapp import metrics as chat_metrics
 from chatapp.errors import error_body
-
-# Headers a proxy adds: with any of them the peer address is not the real client (and daphne's
-# --proxy-headers takes REMOTE_ADDR from the client-controlled left end of X-Forwarded-For).
-_FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+from chatapp.proxy import forwarded_beyond_trust
 
 
 def _is_direct_loopback(request: HttpRequest) -> bool:
-    if any(request.META.get(header) for header in _FORWARDING_HEADERS):
+    """The client (chatapp.proxy's address) is this machine, and no proxy we do not trust is in between
+    (a local proxy that nobody declared in CHATAPP_TRUSTED_PROXY_COUNT would make everyone loopback)."""
+    if forwarded_beyond_trust(request.META):
         return False
     try:
         return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback

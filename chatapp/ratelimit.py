@@ -10,30 +10,24 @@ from django.conf import settings
 from django.http import HttpRequest
 from django_ratelimit.core import get_usage
 
-from chatapp import metrics
+from chatapp import known_device, metrics
 from chatapp.errors import RateLimited
 
 logger = logging.getLogger(__name__)
 
 
 def client_ip(request: HttpRequest) -> str:
-    """REMOTE_ADDR, or the address our ``CHATAPP_TRUSTED_PROXY_COUNT`` proxies saw.
-
-    X-Forwarded-For is read from the right: each trusted proxy appended one entry, so the
-    entry just left of theirs is the client. Anything further left is client-controlled.
-    """
-    remote = request.META.get("REMOTE_ADDR", "") or "0.0.0.0"  # noqa: S104 - a key, not a bind address
-    hops = settings.TRUSTED_PROXY_COUNT
-    if hops <= 0:
-        return remote
-    forwarded = [p.strip() for p in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if p.strip()]
-    if len(forwarded) < hops:
-        return remote
-    candidate = forwarded[-hops]
+    """The client's address as a budget key: ``REMOTE_ADDR``, which chatapp.proxy computed from the TCP
+    peer and the trusted proxies only (never from what the client writes); an IPv6 client's whole /64,
+    since a subscriber is handed at least that many addresses to choose from."""
+    address = request.META.get("REMOTE_ADDR") or ""
     try:
-        return str(ipaddress.ip_address(candidate))
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return remote
+        return "unknown"  # no peer address (a unix socket without a trusted proxy): one shared budget
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False).network_address) + "/64"
+    return str(ip)
 
 
 def _ip_key(group: str, request: Any) -> str:
@@ -64,7 +58,27 @@ def api_rate_check(request: HttpRequest) -> None:
         _check(request, group="api.user", key=_user_key, rate=settings.API_RATE_PER_USER, scope="api_user")
 
 
-def password_attempt_check(request: HttpRequest) -> None:
-    """``AUTH_TOKEN_RATE_PER_IP`` password attempts per client IP, one budget for every place a
-    password is typed (the API token, the sign-in page, the admin's), counted before it is checked."""
-    _check(request, group="auth.token", key=_ip_key, rate=settings.AUTH_TOKEN_RATE_PER_IP, scope="auth_token")
+def password_attempt_check(request: HttpRequest, *, username: str) -> None:
+    """One password attempt, counted before the password is checked, for every place a password is
+    typed (the API token, the sign-in page, the admin's): from the client address's budget
+    (``AUTH_TOKEN_RATE_PER_IP``), then from the account's (``AUTH_RATE_PER_ACCOUNT``, whatever the
+    address: a guess spread over many addresses), unless this browser signed in to the account before
+    (a known-device cookie): then from that browser's own budget, so guessers cannot lock the owner out.
+    Raises RateLimited (429 + Retry-After)."""
+    try:
+        _check(request, group="auth.token", key=_ip_key, rate=settings.AUTH_TOKEN_RATE_PER_IP, scope="auth_token")
+    except RateLimited as exc:
+        raise RateLimited("Too many sign-in attempts from your address.", retry_after=exc.retry_after) from None
+    account = known_device.account_key(username)
+    device = known_device.device_for(request, account=account)
+    group, value = ("auth.device", device) if device else ("auth.account", account)
+    try:
+        _check(
+            request,
+            group=group,
+            key=lambda _group, _request: value,
+            rate=settings.AUTH_RATE_PER_ACCOUNT,
+            scope=group.replace(".", "_"),
+        )
+    except RateLimited as exc:
+        raise RateLimited("Too many sign-in attempts for this account.", retry_after=exc.retry_after) from None

@@ -323,13 +323,20 @@ CHAT_SENDS_PER_MINUTE = env_int("CHATAPP_SENDS_PER_MINUTE", 60)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHATAPP_MAX_CONNECTIONS_PER_USER", 5)
 CHAT_HEARTBEAT_SECONDS = env_int("CHATAPP_HEARTBEAT_SECONDS", 30)
 CHAT_IDLE_TIMEOUT_SECONDS = env_int("CHATAPP_IDLE_TIMEOUT_SECONDS", 120)
-# Client IP comes from X-Forwarded-For only when it is set by this many trusted proxies.
+# Proxies in front of daphne (chatapp/proxy.py): the client's address is the X-Forwarded-For entry
+# this many from the right, its scheme X-Forwarded-Proto; with 0 both headers are ignored.
 TRUSTED_PROXY_COUNT = env_int("CHATAPP_TRUSTED_PROXY_COUNT", 0)
+if TRUSTED_PROXY_COUNT < 0:
+    raise ImproperlyConfigured(f"CHATAPP_TRUSTED_PROXY_COUNT must be 0 or more, got {TRUSTED_PROXY_COUNT}")
 # General API budgets (django-ratelimit syntax), on top of the message-send budget.
 API_RATE_PER_USER = env_str("CHATAPP_API_RATE_PER_USER", "600/m")
 API_RATE_PER_IP = env_str("CHATAPP_API_RATE_PER_IP", "1200/m")
-# POST /api/v1/auth/token (username + password) attempts per client IP.
+# Password attempts (the token API, the sign-in page, the admin's) per client IP.
 AUTH_TOKEN_RATE_PER_IP = env_str("CHATAPP_AUTH_TOKEN_RATE_PER_IP", "10/m")
+# ... and per account, whatever the address; a browser that signed in to the account before (its
+# known-device cookie, kept this many days) has a budget of its own instead (docs/auth.md).
+AUTH_RATE_PER_ACCOUNT = env_str("CHATAPP_AUTH_RATE_PER_ACCOUNT", "10/15m")
+KNOWN_DEVICE_DAYS = env_int("CHATAPP_KNOWN_DEVICE_DAYS", 365)
 
 # --- Attachments (docs/attachments.md) ------------------------------------
 
@@ -408,7 +415,8 @@ if not DEBUG and not TESTING:
     SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # No SECURE_PROXY_SSL_HEADER: the scheme comes from X-Forwarded-Proto only when a proxy is
+    # trusted (CHATAPP_TRUSTED_PROXY_COUNT), set as the ASGI scope's by chatapp/proxy.py.
 
 # --- Operations: probes, metrics, backups, scheduler, CSP (docs/operations.md) ---------
 

@@ -10,6 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from chatapp import known_device
 from chatapp.errors import RateLimited
 from chatapp.ratelimit import password_attempt_check
 
@@ -28,44 +29,64 @@ def clerk_context() -> dict[str, object]:
     }
 
 
-def _password_refused(request: HttpRequest) -> int | None:
-    """Spend one attempt of the client address's password budget (shared with the API's token
-    login), before the password is checked: the seconds to wait when it is spent, else None."""
+def _password_refused(request: HttpRequest) -> RateLimited | None:
+    """Spend one password attempt (shared with the API's token login) of the client address's budget
+    and the account's, before the password is checked: the refusal when one is spent, else None."""
     try:
-        password_attempt_check(request)
+        password_attempt_check(request, username=request.POST.get("username", ""))
     except RateLimited as exc:
-        return int(exc.retry_after)
+        return exc
     return None
 
 
-def _too_many(response: HttpResponse, retry_after: int) -> HttpResponse:
+def _too_many(response: HttpResponse, refusal: RateLimited) -> HttpResponse:
     response.status_code = 429
-    response["Retry-After"] = str(retry_after)
+    response["Retry-After"] = str(refusal.retry_after)
+    return response
+
+
+def _remember_if_signed_in(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    """A sign-in form that has just signed in the account it was given (a redirect) marks this browser
+    as a known device of that account (chatapp.known_device)."""
+    username = request.POST.get("username", "")
+    user = getattr(request, "user", None)
+    if (
+        response.status_code == 302
+        and user is not None
+        and user.is_authenticated
+        and known_device.account_key(user.get_username()) == known_device.account_key(username)
+    ):
+        known_device.remember(response, username=username)
     return response
 
 
 def password_attempts_limited(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """A sign-in form's POST is refused (429 with Retry-After) once the password budget is spent."""
+    """A sign-in form's POST is refused (429 with Retry-After) once the password budget is spent;
+    a successful one marks the browser as a known device of the account."""
 
     @functools.wraps(view)
     def limited(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.method == "POST" and (retry_after := _password_refused(request)) is not None:
-            text = f"Too many sign-in attempts from your address. Try again in {retry_after} seconds."
-            return _too_many(HttpResponse(text, content_type="text/plain; charset=utf-8"), retry_after)
-        return view(request, *args, **kwargs)
+        if request.method != "POST":
+            return view(request, *args, **kwargs)
+        if (refusal := _password_refused(request)) is not None:
+            text = f"{refusal.message} Try again in {refusal.retry_after} seconds."
+            return _too_many(HttpResponse(text, content_type="text/plain; charset=utf-8"), refusal)
+        return _remember_if_signed_in(request, view(request, *args, **kwargs))
 
     return limited
 
 
 class LoginView(auth_views.LoginView):
     """Django's login (local users and staff), with Clerk's sign-in beside it when configured.
-    Password attempts are limited per client address like the API's token login."""
+    Password attempts are limited per client address and per account like the API's token login."""
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if (retry_after := _password_refused(request)) is not None:
-            page = self.render_to_response(self.get_context_data(retry_after=retry_after))
-            return _too_many(page, retry_after)
-        return super().post(request, *args, **kwargs)
+        if (refusal := _password_refused(request)) is not None:
+            page = self.render_to_response(
+                self.get_context_data(retry_after=refusal.retry_after, refusal=refusal.message)
+            )
+            return _too_many(page, refusal)
+        return _remember_if_signed_in(request, super().post(request, *args, **kwargs))
 
     def get_context_data(self, **kwargs: object) -> dict[str, object]:
         return {**super().get_context_data(**kwargs), **clerk_context()}

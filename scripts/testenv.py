@@ -90,6 +90,7 @@ REQUIREMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("chromium", ("chromium",)),
     ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf", ("fonts-noto-color-emoji",)),  # emoji in screenshots
     (str(CLAMD), ("clamav-daemon", "clamav")),
+    ("/usr/sbin/nginx", ("nginx",)),  # tests/test_deploy_nginx.py: the shipped reverse-proxy config
 )
 
 # Processes this interpreter started, so that stopping one also reaps it (no zombies, no ResourceWarning).

@@ -110,6 +110,7 @@ def test_token_login_is_rate_limited_per_ip(alice: User, settings: Any) -> None:
     # Same budget over an hour: django-ratelimit's windows are fixed, and a minute boundary falling
     # inside the test would reset the count.
     settings.AUTH_TOKEN_RATE_PER_IP = "10/h"
+    settings.AUTH_RATE_PER_ACCOUNT = "100/h"  # the per-account budget has its own tests (test_client_address.py)
     codes = [login("alice", "wrong", REMOTE_ADDR="10.9.9.9").status_code for _ in range(10)]
     assert codes == [401] * 10
     limited = login("alice", REMOTE_ADDR="10.9.9.9")  # the right password no longer helps

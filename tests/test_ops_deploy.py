@@ -124,7 +124,10 @@ def test_procfile_declares_the_processes() -> None:
     assert set(processes) == {"web", "release", "scheduler"}
     web = processes["web"].split()
     assert web[0] == "daphne"
-    assert {"--proxy-headers", "0.0.0.0", "$PORT", "chatapp.asgi:application"} <= set(web)  # noqa: S104
+    assert {"0.0.0.0", "$PORT", "chatapp.asgi:application"} <= set(web)  # noqa: S104
+    # Daphne's --proxy-headers would take the client's address from the client-written left end of
+    # X-Forwarded-For; chatapp.proxy reads it from the trusted proxies' end instead.
+    assert "--proxy-headers" not in web
     assert "migrate" in processes["release"]
     assert "collectstatic" in processes["release"]
     assert processes["scheduler"].split()[-1] == "run_scheduler"

@@ -54,7 +54,7 @@ def test_metrics_without_token_answer_loopback_only(client: Client, settings: An
     refused = client.get("/metrics", REMOTE_ADDR="203.0.113.9")
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "forbidden"
-    # Behind a proxy (daphne --proxy-headers rewrites REMOTE_ADDR from this header) loopback proves nothing.
+    # No proxy trusted (CHATAPP_TRUSTED_PROXY_COUNT=0): a forwarding header means an undeclared one.
     assert client.get("/metrics", HTTP_X_FORWARDED_FOR="127.0.0.1").status_code == 403
 
 
