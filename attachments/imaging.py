@@ -259,11 +259,17 @@ def process(job: Job) -> tuple[int, int]:
 
 
 def _limit_memory(megabytes: int) -> None:
+    """Cap this process's address space: an allocation past it fails (MemoryError), nothing else
+    on the machine is touched. Enforced on Linux; where the system refuses the limit (macOS)
+    the header checks alone bound memory."""
     limit = megabytes * 1024 * 1024
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):
+        print("image worker: the address-space limit could not be set", file=sys.stderr)
 
 
 def peak_rss_kb() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -274,14 +275,19 @@ def image_slot() -> Iterator[None]:
         slots.release()
 
 
+# What the worker's environment keeps: enough to start Python, none of the server's secrets.
+_WORKER_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONPATH", "TMPDIR")
+
+
 def _run_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Run attachments.imaging on one job in a fresh process under the memory limit."""
+    """Run attachments.imaging on one job in a fresh process under the memory limit; killed at the timeout."""
     try:
         done = subprocess.run(
             [sys.executable, "-m", "attachments.imaging"],
             input=json.dumps(job).encode(),
             capture_output=True,
             cwd=settings.BASE_DIR,
+            env={name: os.environ[name] for name in _WORKER_ENVIRONMENT if name in os.environ},
             timeout=settings.ATTACHMENT_IMAGE_TIMEOUT,
             check=False,
         )

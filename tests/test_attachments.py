@@ -88,42 +88,58 @@ def _s15(value: float) -> bytes:
     return struct.pack(">i", round(value * 65536))
 
 
-def display_p3_profile(description: str = "Display P3") -> bytes:
-    """A valid ICC v4 Display P3 profile (matrix and sRGB-shaped curves, Apple's D50 colorants),
-    with ``description`` in its text tag: any text at all can ride in a profile that parses."""
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
 
-    def xyz(x: float, y: float, z: float) -> bytes:
-        return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
 
-    def text(value: str) -> bytes:
-        encoded = value.encode("utf-16-be")
-        return b"mluc\0\0\0\0" + struct.pack(">II4sII", 1, 12, b"enUS", len(encoded), 28) + encoded
+def _text(value: str) -> bytes:
+    encoded = value.encode("utf-16-be")
+    return b"mluc\0\0\0\0" + struct.pack(">II4sII", 1, 12, b"enUS", len(encoded), 28) + encoded
 
-    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0)
-    curve += b"".join(_s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
-    tags = [
-        (b"desc", text(description)),
-        (b"cprt", text("No copyright")),
-        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-        (b"rXYZ", xyz(0.51512146, 0.24119568, -0.00105286)),
-        (b"gXYZ", xyz(0.29197693, 0.69222355, 0.04188538)),
-        (b"bXYZ", xyz(0.15710449, 0.06657410, 0.78407288)),
-        (b"rTRC", curve),
-        (b"gTRC", curve),
-        (b"bTRC", curve),
-    ]
+
+def icc_profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v4 display profile of colour ``space`` (b"RGB " or b"GRAY") with these tags."""
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for signature, body in tags:
         body += b"\0" * (-len(body) % 4)
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
-    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x04300000, b"mntr", b"RGB ", b"XYZ ")
+    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x04300000, b"mntr", space, b"XYZ ")
     header += b"\0" * 12 + b"acsp" + b"\0" * 28 + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + b"\0" * 48
     return header + struct.pack(">I", len(tags)) + table + data
 
 
-def p3_to_srgb(colour: tuple[int, int, int]) -> tuple[int, ...]:
+def display_p3_profile(description: str = "Display P3") -> bytes:
+    """A valid Display P3 profile (Apple's D50 colorants, sRGB-shaped curves), with ``description``
+    in its text tag: any text at all can ride in a profile that parses."""
+    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0)
+    curve += b"".join(_s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    return icc_profile(
+        b"RGB ",
+        [
+            (b"desc", _text(description)),
+            (b"cprt", _text("No copyright")),
+            (b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", _xyz(0.51512146, 0.24119568, -0.00105286)),
+            (b"gXYZ", _xyz(0.29197693, 0.69222355, 0.04188538)),
+            (b"bXYZ", _xyz(0.15710449, 0.06657410, 0.78407288)),
+            (b"rTRC", curve),
+            (b"gTRC", curve),
+            (b"bTRC", curve),
+        ],
+    )
+
+
+def grey_profile(gamma: float) -> bytes:
+    """A greyscale profile with a pure power curve."""
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+    return icc_profile(
+        b"GRAY", [(b"desc", _text(f"Grey {gamma}")), (b"wtpt", _xyz(0.9642, 1.0, 0.8249)), (b"kTRC", curve)]
+    )
+
+
+def p3_to_srgb(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     """What a Display P3 colour is in sRGB, by the published matrix (not by LittleCMS)."""
 
     def linear(c: int) -> float:
@@ -136,7 +152,8 @@ def p3_to_srgb(colour: tuple[int, int, int]) -> tuple[int, ...]:
 
     r, g, b = (linear(c) for c in colour)
     matrix = ((1.2249401, -0.2249404, 0.0), (-0.0420569, 1.0420571, 0.0), (-0.0196376, -0.0786361, 1.0982735))
-    return tuple(encoded(m[0] * r + m[1] * g + m[2] * b) for m in matrix)
+    red, green, blue = (encoded(m[0] * r + m[1] * g + m[2] * b) for m in matrix)
+    return red, green, blue
 
 
 def upload(
@@ -500,7 +517,7 @@ def test_stored_images_are_only_pixels(
 ) -> None:
     data = make()
     with Image.open(io.BytesIO(data)) as original:
-        fmt, frames = original.format, getattr(original, "n_frames", 1)
+        fmt, frames = str(original.format), getattr(original, "n_frames", 1)
     response = upload(api(bob), thread, f"image.{fmt.lower()}", data)
     assert response.status_code == 201, response.json()
     attachment = Attachment.objects.get()

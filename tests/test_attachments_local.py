@@ -27,8 +27,8 @@ from attachments.imaging import ImageRefused, gif_geometry
 from attachments.models import Attachment, ScanStatus
 from attachments.scanning import ClamdScanner, ScannerUnavailable
 from attachments.services import attachments_attach, attachments_cleanup
-from attachments.validation import Refused, download_name, image_slot, sniff
-from chatapp.errors import InvalidInput
+from attachments.validation import ALLOWED, Refused, download_name, image_process, image_slot, sniff
+from chatapp.errors import InvalidInput, TooLarge
 from messaging.models import Message
 from messaging.services import message_send
 from tests.conftest import needs
@@ -38,6 +38,7 @@ from tests.test_attachments import (
     HTML,
     display_p3_profile,
     error,
+    grey_profile,
     p3_to_srgb,
     png_bytes,
     stored_bytes,
@@ -392,6 +393,24 @@ def test_images_lose_their_metadata_and_their_colours_are_converted_to_srgb(
 
 
 @pytest.mark.smoke
+@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "L"), ("PNG", "LA"), ("JPEG", "L")])
+def test_greyscale_images_are_converted_through_their_grey_profile(
+    local_storage: Path, api: Api, bob: User, thread: Thread, fmt: str, mode: str
+) -> None:
+    image = Image.new(mode, (20, 10), 128 if mode == "L" else (128, 77))
+    out = io.BytesIO()
+    image.save(out, fmt, icc_profile=grey_profile(1.8))
+    created = upload(api(bob), thread, f"scan.{fmt.lower()}", out.getvalue())
+    assert created.status_code == 201, created.json()
+    linear = (128 / 255) ** 1.8
+    expected = round(255 * (1.055 * linear ** (1 / 2.4) - 0.055))  # 1.8 gamma's 128 is sRGB's 147
+    with Image.open(io.BytesIO(stored_bytes(Attachment.objects.get().storage_key))) as stored:
+        assert (stored.mode, "icc_profile" in stored.info) == (mode, False)
+        pixel = stored.getpixel((10, 5))
+        assert pixel == (pytest.approx(expected, abs=1) if mode == "L" else (pytest.approx(expected, abs=1), 77))
+
+
+@pytest.mark.smoke
 def test_animated_gif_keeps_its_frames_but_not_its_comment(
     local_storage: Path, api: Api, bob: User, thread: Thread
 ) -> None:
@@ -486,7 +505,7 @@ def test_gif_frames_are_sized_from_their_headers_as_pillow_decodes_them(tmp_path
         return
     sizes = []
     with Image.open(path) as im:
-        for index in range(im.n_frames):  # decoding every frame: what the geometry must predict
+        for index in range(getattr(im, "n_frames", 1)):  # decoding every frame: what the geometry must predict
             im.seek(index)
             im.load()
             sizes.append(im.size)
@@ -603,6 +622,23 @@ def test_an_image_needing_more_memory_than_a_worker_may_use_is_refused(
     assert Attachment.objects.get().scan_status == ScanStatus.REJECTED
     settings.ATTACHMENT_IMAGE_MEMORY_MB = 1536
     assert upload(api(bob), thread, "big.png", image).status_code == 201
+
+
+@pytest.mark.smoke
+def test_an_image_worker_that_does_not_finish_is_stopped_and_its_slot_freed(tmp_path: Path, settings: Any) -> None:
+    """A worker reading a pipe nobody writes never finishes, whatever the machine's speed."""
+    settings.ATTACHMENT_IMAGE_WORKERS = 1
+    settings.ATTACHMENT_IMAGE_TIMEOUT = 1
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)
+    with pytest.raises(TooLarge) as refused:
+        image_process(stuck, ALLOWED["image/png"], workdir=tmp_path)
+    assert refused.value.as_dict()["reason"] == "too_complex"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stuck.png"]  # no output left behind
+    source = tmp_path / "fine.png"
+    source.write_bytes(png_bytes((30, 20)))
+    processed = image_process(source, ALLOWED["image/png"], workdir=tmp_path)
+    assert (processed.width, processed.height) == (30, 20)
 
 
 @pytest.mark.smoke
