@@ -10,8 +10,8 @@ The order of the work:
 
 1. Open with Pillow restricted to the sniffed format.
 2. Size every frame from the headers alone (:func:`geometry`): nothing is decoded yet. A frame
-   over ``max_pixels``, or an animation whose frames composite to more than
-   ``max_animation_pixels`` in total, is refused here.
+   over ``max_pixels``, an animation of more than ``max_frames`` frames, or one whose frames
+   composite to more than ``max_animation_pixels`` in total, is refused here.
 3. Decode and re-encode: a still image has its EXIF orientation applied to the pixels and its
    colours converted to sRGB through its ICC profile (:func:`to_srgb`); then it is saved without
    any metadata at all (no EXIF, XMP, comments, text chunks or profile). An animation keeps its
@@ -55,6 +55,7 @@ class Job:
     thumbnail: str  # where the WebP thumbnail goes
     max_pixels: int  # decoded pixels per frame
     max_animation_pixels: int  # composited pixels over all frames of an animation
+    max_frames: int  # frames of an animation
     thumbnail_px: int
 
 
@@ -123,22 +124,25 @@ def geometry(im: Image.Image, source: str) -> tuple[int, int, int]:
     """
     if im.format == "GIF":
         with open(source, "rb") as f:
-            width, height, frames = gif_geometry(f)
-        # The two walks must agree: a frame Pillow would decode that this walk missed is refused.
-        if frames < 1 or int(getattr(im, "n_frames", 1)) > frames:
-            raise _invalid()
-        return width, height, frames
+            return gif_geometry(f)
     frames = int(getattr(im, "n_frames", 1)) if im.format == "WEBP" else 1
     return im.size[0], im.size[1], frames
 
 
 def check_pixels(width: int, height: int, frames: int, job: Job) -> None:
-    if width < 1 or height < 1:
+    if width < 1 or height < 1 or frames < 1:
         raise _invalid()
     if width * height > job.max_pixels:
         raise ImageRefused(
             f"The image is {width}x{height} pixels; images are limited to {job.max_pixels:,} pixels.",
             reason="too_many_pixels",
+            too_large=True,
+        )
+    if frames > job.max_frames:
+        # Each frame costs its own pass through decoder and encoder, however small it is.
+        raise ImageRefused(
+            f"The animation has {frames:,} frames; animations are limited to {job.max_frames:,}.",
+            reason="too_many_frames",
             too_large=True,
         )
     if frames > 1 and width * height * frames > job.max_animation_pixels:
@@ -240,10 +244,16 @@ def process(job: Job) -> tuple[int, int]:
     Image.MAX_IMAGE_PIXELS = max(1, (job.max_pixels + 1) // 2)
     try:
         with Image.open(job.source, formats=[job.format]) as im:
-            if im.format != job.format:
+            # A JPEG with further pictures (MPF: an Ultra HDR photo's gain map, a stereo pair) opens
+            # as MPO; its primary picture is the JPEG, and only that is kept.
+            if im.format != job.format and (job.format, im.format) != ("JPEG", "MPO"):
                 raise _invalid()
             width, height, frames = geometry(im, job.source)
             check_pixels(width, height, frames, job)
+            # Pillow walks a GIF's frames too (without decoding): a frame it would decode that
+            # our walk missed is refused. Only now, once the count we found is within the caps.
+            if im.format == "GIF" and int(getattr(im, "n_frames", 1)) > frames:
+                raise _invalid()
             if frames > 1:
                 return _animation(im, job)
             return _still(im, job)

@@ -309,16 +309,24 @@ def _run_worker(job: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
+def _temporary_file(workdir: Path, *, suffix: str) -> Path:
+    """A new empty file's path; the descriptor ``mkstemp`` opens is closed (the worker writes it)."""
+    descriptor, name = tempfile.mkstemp(dir=workdir, suffix=suffix)
+    os.close(descriptor)
+    return Path(name)
+
+
 def image_process(path: Path, ftype: FileType, *, workdir: Path) -> ProcessedImage:
     """Re-encode an allowed image to only its pixels and make its thumbnail, in a worker process.
 
     Refused (400) for anything that is not a decodable image of the sniffed format; TooLarge
-    (413) past ``ATTACHMENT_MAX_IMAGE_PIXELS`` per frame or ``ATTACHMENT_MAX_ANIMATION_PIXELS``
-    per animation (decided from the headers before decoding), or past the worker's memory or
-    time limit; ImagesBusy (503) when every image slot stays taken for the timeout.
+    (413) past ``ATTACHMENT_MAX_IMAGE_PIXELS`` per frame, ``ATTACHMENT_MAX_ANIMATION_PIXELS`` or
+    ``ATTACHMENT_MAX_ANIMATION_FRAMES`` per animation (decided from the headers before
+    decoding), or past the worker's memory or time limit; ImagesBusy (503) when every image
+    slot stays taken for the timeout.
     """
-    dest = Path(tempfile.mkstemp(dir=workdir, suffix=f".{ftype.extension}")[1])
-    thumbnail = Path(tempfile.mkstemp(dir=workdir, suffix=".webp")[1])
+    dest = _temporary_file(workdir, suffix=f".{ftype.extension}")
+    thumbnail = _temporary_file(workdir, suffix=".webp")
     job = {
         "source": str(path),
         "format": PIL_FORMATS[ftype.mime],
@@ -326,6 +334,7 @@ def image_process(path: Path, ftype: FileType, *, workdir: Path) -> ProcessedIma
         "thumbnail": str(thumbnail),
         "max_pixels": settings.ATTACHMENT_MAX_IMAGE_PIXELS,
         "max_animation_pixels": settings.ATTACHMENT_MAX_ANIMATION_PIXELS,
+        "max_frames": settings.ATTACHMENT_MAX_ANIMATION_FRAMES,
         "thumbnail_px": settings.ATTACHMENT_THUMBNAIL_PX,
         "memory_mb": settings.ATTACHMENT_IMAGE_MEMORY_MB,
     }

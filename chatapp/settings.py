@@ -342,6 +342,7 @@ ATTACHMENT_MAX_DOCUMENT_BYTES = env_int("CHATAPP_ATTACHMENT_MAX_DOCUMENT_MB", 25
 ATTACHMENT_MAX_IMAGE_PIXELS = env_int("CHATAPP_ATTACHMENT_MAX_IMAGE_PIXELS", 40_000_000)
 # An animation's frames, each composited onto the whole canvas: canvas pixels x frames at most.
 ATTACHMENT_MAX_ANIMATION_PIXELS = env_int("CHATAPP_ATTACHMENT_MAX_ANIMATION_PIXELS", 40_000_000)
+ATTACHMENT_MAX_ANIMATION_FRAMES = env_int("CHATAPP_ATTACHMENT_MAX_ANIMATION_FRAMES", 1000)
 # Images are processed in a worker process each, this many at once per server process, each held
 # to this much address space and this many seconds (also the longest wait for a free slot).
 ATTACHMENT_IMAGE_WORKERS = env_int("CHATAPP_ATTACHMENT_IMAGE_WORKERS", 2)

@@ -411,6 +411,23 @@ def test_greyscale_images_are_converted_through_their_grey_profile(
 
 
 @pytest.mark.smoke
+def test_a_jpeg_with_further_pictures_keeps_only_its_primary_picture(
+    local_storage: Path, api: Api, bob: User, thread: Thread
+) -> None:
+    """Multi-picture JPEGs (MPF: Android's Ultra HDR photos carry their gain map so) are photos."""
+    primary = Image.new("RGB", (40, 30), (0, 128, 128))
+    secondary = Image.new("RGB", (20, 15), "white")
+    out = io.BytesIO()
+    primary.save(out, "MPO", save_all=True, append_images=[secondary])
+    created = upload(api(bob), thread, "ultra-hdr.jpg", out.getvalue())
+    assert created.status_code == 201, created.json()
+    assert (created.json()["content_type"], created.json()["width"], created.json()["height"]) == ("image/jpeg", 40, 30)
+    with Image.open(io.BytesIO(stored_bytes(Attachment.objects.get().storage_key))) as stored:
+        assert (stored.format, getattr(stored, "n_frames", 1), "mp" in stored.info) == ("JPEG", 1, False)
+        assert stored.getpixel((20, 15)) == pytest.approx((0, 128, 128), abs=3)
+
+
+@pytest.mark.smoke
 def test_animated_gif_keeps_its_frames_but_not_its_comment(
     local_storage: Path, api: Api, bob: User, thread: Thread
 ) -> None:
@@ -583,6 +600,38 @@ def test_an_animation_bomb_is_refused_from_its_headers_in_bounded_memory(tmp_pat
     assert measured["workers_peak_mb"] < 300, measured
 
 
+def many_frames_gif(count: int) -> bytes:
+    """``count`` frames of one pixel each, ~23 bytes a frame."""
+    import struct
+
+    head = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+    head += b"!\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    frames = [
+        b"!\xf9\x04\x04\x02\x00\x00\x00,"
+        + struct.pack("<HHHH", 0, 0, 1, 1)
+        + b"\x00\x02\x02"
+        + bytes([0x44 | (index & 1) << 3, 0x01])  # clear, pixel (black or white), end
+        + b"\x00"
+        for index in range(count)
+    ]
+    return head + b"".join(frames) + b";"
+
+
+@pytest.mark.smoke
+def test_an_animation_of_too_many_frames_is_refused_however_small(
+    local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any
+) -> None:
+    """Every frame costs a pass through decoder and encoder: 20 MB of 1x1 frames is ~900,000 of them."""
+    assert settings.ATTACHMENT_MAX_ANIMATION_FRAMES == 1000
+    refused = upload(api(bob), thread, "flicker.gif", many_frames_gif(1001))
+    assert refused.status_code == 413, refused.json()
+    assert error(refused)["reason"] == "too_many_frames"
+    created = upload(api(bob), thread, "flicker.gif", many_frames_gif(1000))
+    assert created.status_code == 201, created.json()
+    with Image.open(io.BytesIO(stored_bytes(Attachment.objects.get(pk=created.json()["id"]).storage_key))) as stored:
+        assert getattr(stored, "n_frames", 1) == 1000
+
+
 @pytest.mark.smoke
 def test_images_are_processed_a_bounded_number_at_once(
     local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any
@@ -639,6 +688,18 @@ def test_an_image_worker_that_does_not_finish_is_stopped_and_its_slot_freed(tmp_
     source.write_bytes(png_bytes((30, 20)))
     processed = image_process(source, ALLOWED["image/png"], workdir=tmp_path)
     assert (processed.width, processed.height) == (30, 20)
+
+
+@pytest.mark.smoke
+def test_image_processing_leaves_no_file_open(tmp_path: Path) -> None:
+    """A long-running server must not lose a file descriptor per image (it would run out)."""
+    source = tmp_path / "a.png"
+    source.write_bytes(png_bytes((30, 20)))
+    image_process(source, ALLOWED["image/png"], workdir=tmp_path)  # anything opened once, for good
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        image_process(source, ALLOWED["image/png"], workdir=tmp_path).path.unlink()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.mark.smoke
