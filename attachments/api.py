@@ -108,10 +108,11 @@ class DownloadUrlSerializer(serializers.Serializer):
 
 def _unavailable() -> OpenApiResponse:
     body = {"error": {"code": "scanner_unavailable", "message": "The virus scanner is unavailable; try again shortly."}}
+    busy = {"error": {"code": "images_busy", "message": "Too many images are being processed; try again shortly."}}
     return OpenApiResponse(
         ErrorSerializer,
-        description="The virus scanner could not give a verdict; nothing was accepted.",
-        examples=[OpenApiExample("scanner_unavailable", value=body)],
+        description="The virus scanner could not give a verdict, or no image worker was free; nothing was accepted.",
+        examples=[OpenApiExample("scanner_unavailable", value=body), OpenApiExample("images_busy", value=busy)],
     )
 
 

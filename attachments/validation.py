@@ -1,35 +1,38 @@
 """What an upload is, decided by its bytes (never its name or claimed type), and making images safe.
 
 ``sniff`` maps the magic bytes (the ``filetype`` library, then a small text classifier) onto the
-allowlist below, or refuses. ``image_process`` opens images with Pillow restricted to the four
-allowed formats, refuses decompression bombs from the header alone, re-encodes the pixels (so
-EXIF/XMP/comments and anything appended to the file are gone) and makes a WebP thumbnail.
+allowlist below, or refuses. ``image_process`` hands an image to ``attachments.imaging`` in a
+memory-limited worker process, a bounded number at once: it is sized from its headers before
+anything is decoded, re-encoded to only its pixels (colours converted to sRGB; EXIF, XMP, ICC
+profiles, comments, text chunks and anything appended to the file are gone) and thumbnailed.
 """
 
 from __future__ import annotations
 
 import codecs
-import io
+import json
+import logging
+import os
 import re
+import subprocess
+import sys
 import tempfile
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import filetype
 from django.conf import settings
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from attachments.models import AttachmentKind
-from chatapp.errors import InvalidInput, TooLarge
+from chatapp.errors import InvalidInput, ServiceError, TooLarge
 
-# Pillow warns from half its limit (set to half our cap in _check_pixels); our caps decide, not that.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+logger = logging.getLogger(__name__)
 
 SNIFF_BYTES = 8192
-# Animated images may decode to at most this many times the per-frame pixel cap in total.
-ANIMATION_PIXEL_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,6 @@ _TYPES = [
 ]
 ALLOWED: dict[str, FileType] = {t.mime: t for t in _TYPES}
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
-# Image metadata that survives re-encoding: how frames play and how colours render, nothing about the author.
-_KEPT_IMAGE_INFO = {"transparency", "duration", "loop", "background", "disposal", "blend", "icc_profile"}
 
 
 class Refused(InvalidInput):
@@ -239,102 +240,121 @@ class ProcessedImage:
     thumbnail: bytes  # WebP
 
 
-def _refuse_image(detail: str = "The image could not be read.") -> Refused:
-    return Refused(detail, reason="image_invalid")
+class ImagesBusy(ServiceError):
+    """No image worker could take the upload in time; nothing was accepted (503, try again)."""
+
+    status = 503
+    code = "images_busy"
+    default_message = "Too many images are being processed; try again shortly."
 
 
-def _check_pixels(im: Image.Image) -> None:
-    """Refuse what would take too many pixels to decode, before decoding it.
-
-    The header's size is not enough for an animation: a frame may be larger than the canvas the
-    header declares (Pillow grows the canvas when it reaches that frame). So every frame is visited
-    and its size checked, stopping as soon as a frame, or all frames so far, pass the caps; what
-    visiting decodes is bounded by the frames already checked. Pillow's own limit is set to the
-    same cap meanwhile (:func:`image_process`), so a frame it sizes while decoding fails there too.
-    """
-    cap = settings.ATTACHMENT_MAX_IMAGE_PIXELS
-    frames = int(getattr(im, "n_frames", 1))
-    total = 0
-    for index in range(frames):
-        if index:
-            im.seek(index)
-        width, height = im.size
-        if width < 1 or height < 1:
-            raise _refuse_image()
-        if width * height > cap:
-            raise TooLarge(
-                f"The image is {width}x{height} pixels; images are limited to {cap:,} pixels.",
-                reason="too_many_pixels",
-            )
-        total += width * height
-        if total > cap * ANIMATION_PIXEL_FACTOR:
-            raise TooLarge(f"The animation has too many frames ({frames}) for its size.", reason="too_many_pixels")
-    if frames > 1:
-        im.seek(0)
+# At most ATTACHMENT_IMAGE_WORKERS images are processed at once per server process. Rebuilt when
+# the setting changes (tests); a slot taken from the old one is returned to the old one.
+_slots_lock = threading.Lock()
+_slots: tuple[int, threading.BoundedSemaphore] | None = None
 
 
-def _save_clean(im: Image.Image, fmt: str, dest: Path) -> None:
-    animated = int(getattr(im, "n_frames", 1)) > 1 and fmt in ("GIF", "WEBP")
-    options: dict[str, Any] = {"quality": 90} if fmt in ("JPEG", "WEBP") else {}
-    # Encoders take the colour profile only as an option, not from ``info``.
-    icc_profile = im.info.get("icc_profile")
-    if animated:
-        # Frames are re-read from the source while saving; only the playback metadata stays.
-        im.info = {k: v for k, v in im.info.items() if k in _KEPT_IMAGE_INFO}
-        im.save(dest, format=fmt, save_all=True, **options, **({"icc_profile": icc_profile} if icc_profile else {}))
-        return
-    clean = ImageOps.exif_transpose(im)  # keep the orientation the EXIF tag asked for, then drop the tag
-    if fmt == "JPEG" and clean.mode not in ("RGB", "L"):
-        clean = clean.convert("RGB")
-        icc_profile = None  # a CMYK profile does not describe the converted pixels
-    clean.info = {k: v for k, v in im.info.items() if k in _KEPT_IMAGE_INFO and k not in ("duration", "icc_profile")}
-    if icc_profile:
-        options["icc_profile"] = icc_profile
-    clean.save(dest, format=fmt, **options)
+def _image_slots() -> threading.BoundedSemaphore:
+    global _slots
+    size = max(1, int(settings.ATTACHMENT_IMAGE_WORKERS))
+    with _slots_lock:
+        if _slots is None or _slots[0] != size:
+            _slots = (size, threading.BoundedSemaphore(size))
+        return _slots[1]
 
 
-def _thumbnail(im: Image.Image) -> bytes:
-    im.seek(0)
-    thumb = ImageOps.exif_transpose(im.copy())
-    thumb = thumb.convert("RGBA" if thumb.mode in ("RGBA", "LA", "P", "PA") else "RGB")
-    size = settings.ATTACHMENT_THUMBNAIL_PX
-    thumb.thumbnail((size, size))
-    out = io.BytesIO()
-    thumb.save(out, format="WEBP", quality=80)
-    return out.getvalue()
+@contextmanager
+def image_slot() -> Iterator[None]:
+    """Hold one of the process's image slots; ImagesBusy if none frees up within the timeout."""
+    slots = _image_slots()
+    if not slots.acquire(timeout=settings.ATTACHMENT_IMAGE_TIMEOUT):
+        raise ImagesBusy()
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+# What the worker's environment keeps: enough to start Python, none of the server's secrets.
+_WORKER_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONPATH", "TMPDIR")
+
+
+def _run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Run attachments.imaging on one job in a fresh process under the memory limit; killed at the timeout."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "attachments.imaging"],
+            input=json.dumps(job).encode(),
+            capture_output=True,
+            cwd=settings.BASE_DIR,
+            env={name: os.environ[name] for name in _WORKER_ENVIRONMENT if name in os.environ},
+            timeout=settings.ATTACHMENT_IMAGE_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise TooLarge("The image took too long to process.", reason="too_complex") from None
+    except OSError as exc:
+        logger.error("image worker could not start: %s", exc)
+        raise ImagesBusy("Images cannot be processed right now; try again shortly.") from None
+    try:
+        outcome: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        outcome = {}
+    if done.returncode != 0 or not isinstance(outcome, dict) or not outcome:
+        # Killed (the memory limit hit outside Python's reach) or crashed in a decoder.
+        logger.warning(
+            "image worker failed (exit %s): %s", done.returncode, done.stderr.decode(errors="replace")[-2000:]
+        )
+        raise _refuse_image()
+    return outcome
+
+
+def _temporary_file(workdir: Path, *, suffix: str) -> Path:
+    """A new empty file's path; the descriptor ``mkstemp`` opens is closed (the worker writes it)."""
+    descriptor, name = tempfile.mkstemp(dir=workdir, suffix=suffix)
+    os.close(descriptor)
+    return Path(name)
 
 
 def image_process(path: Path, ftype: FileType, *, workdir: Path) -> ProcessedImage:
-    """Re-encode an allowed image without its metadata and make its thumbnail.
+    """Re-encode an allowed image to only its pixels and make its thumbnail, in a worker process.
 
-    Refused for anything Pillow cannot decode as the sniffed format; TooLarge (413) for a
-    pixel count over ``ATTACHMENT_MAX_IMAGE_PIXELS``, decided from the header before decoding.
+    Refused (400) for anything that is not a decodable image of the sniffed format; TooLarge
+    (413) past ``ATTACHMENT_MAX_IMAGE_PIXELS`` per frame, ``ATTACHMENT_MAX_ANIMATION_PIXELS`` or
+    ``ATTACHMENT_MAX_ANIMATION_FRAMES`` per animation (decided from the headers before
+    decoding), or past the worker's memory or time limit; ImagesBusy (503) when every image
+    slot stays taken for the timeout.
     """
-    fmt = PIL_FORMATS[ftype.mime]
-    dest = Path(tempfile.mkstemp(dir=workdir, suffix=f".{ftype.extension}")[1])
-    pillow_limit = Image.MAX_IMAGE_PIXELS
-    # Pillow raises DecompressionBombError past twice this: past our cap, wherever it sizes an image.
-    Image.MAX_IMAGE_PIXELS = max(1, (settings.ATTACHMENT_MAX_IMAGE_PIXELS + 1) // 2)
+    dest = _temporary_file(workdir, suffix=f".{ftype.extension}")
+    thumbnail = _temporary_file(workdir, suffix=".webp")
+    job = {
+        "source": str(path),
+        "format": PIL_FORMATS[ftype.mime],
+        "dest": str(dest),
+        "thumbnail": str(thumbnail),
+        "max_pixels": settings.ATTACHMENT_MAX_IMAGE_PIXELS,
+        "max_animation_pixels": settings.ATTACHMENT_MAX_ANIMATION_PIXELS,
+        "max_frames": settings.ATTACHMENT_MAX_ANIMATION_FRAMES,
+        "thumbnail_px": settings.ATTACHMENT_THUMBNAIL_PX,
+        "memory_mb": settings.ATTACHMENT_IMAGE_MEMORY_MB,
+    }
     try:
-        with Image.open(path, formats=[fmt]) as im:
-            if im.format != fmt:
-                raise _refuse_image()
-            _check_pixels(im)
-            im.load()
-            thumbnail = _thumbnail(im)
-            im.seek(0)
-            _save_clean(im, fmt, dest)
-        with Image.open(dest) as stored:
-            width, height = stored.size
-    except Image.DecompressionBombError:
-        dest.unlink(missing_ok=True)
-        raise TooLarge("The image has too many pixels.", reason="too_many_pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError):
-        dest.unlink(missing_ok=True)
-        raise _refuse_image() from None
+        with image_slot():
+            outcome = _run_worker(job)
+        if "refused" in outcome:
+            message, reason = str(outcome.get("message", "")), str(outcome["refused"])
+            if outcome.get("too_large"):
+                raise TooLarge(message, reason=reason)
+            raise Refused(message or "The image could not be read.", reason=reason)
+        return ProcessedImage(
+            path=dest, width=int(outcome["width"]), height=int(outcome["height"]), thumbnail=thumbnail.read_bytes()
+        )
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
     finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
-    return ProcessedImage(path=dest, width=width, height=height, thumbnail=thumbnail)
+        thumbnail.unlink(missing_ok=True)
+
+
+def _refuse_image(detail: str = "The image could not be read.") -> Refused:
+    return Refused(detail, reason="image_invalid")

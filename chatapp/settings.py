@@ -347,6 +347,14 @@ ATTACHMENT_MAX_VIDEO_BYTES = env_int("CHATAPP_ATTACHMENT_MAX_VIDEO_MB", 100) * _
 ATTACHMENT_MAX_DOCUMENT_BYTES = env_int("CHATAPP_ATTACHMENT_MAX_DOCUMENT_MB", 25) * _MB
 # Decoded pixels per image frame (a decompression bomb is refused before Pillow allocates it).
 ATTACHMENT_MAX_IMAGE_PIXELS = env_int("CHATAPP_ATTACHMENT_MAX_IMAGE_PIXELS", 40_000_000)
+# An animation's frames, each composited onto the whole canvas: canvas pixels x frames at most.
+ATTACHMENT_MAX_ANIMATION_PIXELS = env_int("CHATAPP_ATTACHMENT_MAX_ANIMATION_PIXELS", 40_000_000)
+ATTACHMENT_MAX_ANIMATION_FRAMES = env_int("CHATAPP_ATTACHMENT_MAX_ANIMATION_FRAMES", 1000)
+# Images are processed in a worker process each, this many at once per server process, each held
+# to this much address space and this many seconds (also the longest wait for a free slot).
+ATTACHMENT_IMAGE_WORKERS = env_int("CHATAPP_ATTACHMENT_IMAGE_WORKERS", 2)
+ATTACHMENT_IMAGE_MEMORY_MB = env_int("CHATAPP_ATTACHMENT_IMAGE_MEMORY_MB", 1536)
+ATTACHMENT_IMAGE_TIMEOUT = env_int("CHATAPP_ATTACHMENT_IMAGE_TIMEOUT", 60)
 ATTACHMENT_THUMBNAIL_PX = env_int("CHATAPP_ATTACHMENT_THUMBNAIL_PX", 320)
 # Lifetime of a presigned (direct-to-storage) upload; downloads use AWS_QUERYSTRING_EXPIRE.
 ATTACHMENT_UPLOAD_EXPIRE = env_int("CHATAPP_ATTACHMENT_UPLOAD_EXPIRE", 900)

@@ -84,6 +84,78 @@ SCRIPTED_SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg">
 CLEAN_SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
 
 
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
+
+
+def _text(value: str) -> bytes:
+    encoded = value.encode("utf-16-be")
+    return b"mluc\0\0\0\0" + struct.pack(">II4sII", 1, 12, b"enUS", len(encoded), 28) + encoded
+
+
+def icc_profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v4 display profile of colour ``space`` (b"RGB " or b"GRAY") with these tags."""
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for signature, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x04300000, b"mntr", space, b"XYZ ")
+    header += b"\0" * 12 + b"acsp" + b"\0" * 28 + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + b"\0" * 48
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def display_p3_profile(description: str = "Display P3") -> bytes:
+    """A valid Display P3 profile (Apple's D50 colorants, sRGB-shaped curves), with ``description``
+    in its text tag: any text at all can ride in a profile that parses."""
+    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0)
+    curve += b"".join(_s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    return icc_profile(
+        b"RGB ",
+        [
+            (b"desc", _text(description)),
+            (b"cprt", _text("No copyright")),
+            (b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", _xyz(0.51512146, 0.24119568, -0.00105286)),
+            (b"gXYZ", _xyz(0.29197693, 0.69222355, 0.04188538)),
+            (b"bXYZ", _xyz(0.15710449, 0.06657410, 0.78407288)),
+            (b"rTRC", curve),
+            (b"gTRC", curve),
+            (b"bTRC", curve),
+        ],
+    )
+
+
+def grey_profile(gamma: float) -> bytes:
+    """A greyscale profile with a pure power curve."""
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+    return icc_profile(
+        b"GRAY", [(b"desc", _text(f"Grey {gamma}")), (b"wtpt", _xyz(0.9642, 1.0, 0.8249)), (b"kTRC", curve)]
+    )
+
+
+def p3_to_srgb(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """What a Display P3 colour is in sRGB, by the published matrix (not by LittleCMS)."""
+
+    def linear(c: int) -> float:
+        v = c / 255
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+    def encoded(v: float) -> int:
+        v = min(max(v, 0.0), 1.0)
+        return round(255 * (12.92 * v if v <= 0.0031308 else 1.055 * v ** (1 / 2.4) - 0.055))
+
+    r, g, b = (linear(c) for c in colour)
+    matrix = ((1.2249401, -0.2249404, 0.0), (-0.0420569, 1.0420571, 0.0), (-0.0196376, -0.0786361, 1.0982735))
+    red, green, blue = (encoded(m[0] * r + m[1] * g + m[2] * b) for m in matrix)
+    return red, green, blue
+
+
 def upload(
     client: APIClient, thread: Thread, name: str, data: bytes, content_type: str = "application/octet-stream"
 ) -> Any:
@@ -341,6 +413,142 @@ def test_png_carrying_html_is_stored_as_a_clean_reencoded_image(
     assert b"<script" not in stored
     assert stored.endswith(png_chunk(b"IEND", b""))
     assert Image.open(io.BytesIO(stored)).size == (40, 30)
+
+
+# --------------------------------------------------------------------------- metadata carriers
+
+MARKUP = "<html><body><script>alert(document.domain)</script></body></html>"
+
+
+def _encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = MARKUP  # Make
+    exif[0x0131] = MARKUP  # Software
+    return exif
+
+
+def jpeg_with_junk_profile() -> bytes:
+    """An "ICC profile" that is an HTML document: it does not parse."""
+    return _encoded(Image.new("RGB", (40, 30), "teal"), "JPEG", icc_profile=MARKUP.encode() * 50)
+
+
+def jpeg_with_scripted_valid_profile() -> bytes:
+    """A profile that parses (Display P3) and carries the script in its description."""
+    return _encoded(Image.new("RGB", (40, 30), "teal"), "JPEG", icc_profile=display_p3_profile(MARKUP))
+
+
+def jpeg_with_every_segment() -> bytes:
+    data = _encoded(Image.new("RGB", (40, 30), "teal"), "JPEG", exif=_exif(), xmp=MARKUP.encode(), comment=MARKUP)
+    app13 = b"Photoshop 3.0\0" + MARKUP.encode()
+    app15 = MARKUP.encode()
+    extra = b"\xff\xed" + struct.pack(">H", len(app13) + 2) + app13 + b"\xff\xef" + struct.pack(">H", len(app15) + 2)
+    return data[:2] + extra + app15 + data[2:]
+
+
+def png_with_text_chunks() -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", MARKUP)
+    info.add_text("Description", MARKUP, zip=True)  # zTXt
+    info.add_itxt("XML:com.adobe.xmp", MARKUP, zip=True)  # iTXt
+    info.add(b"htMl", MARKUP.encode())  # a private ancillary chunk
+    image = Image.new("RGB", (40, 30), "teal")
+    return _encoded(image, "PNG", pnginfo=info, exif=_exif(), icc_profile=display_p3_profile(MARKUP))
+
+
+def gif_with_extensions() -> bytes:
+    """An animation with a comment, an XMP and an ICC application extension and a plain-text
+    extension before every frame."""
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    data = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0, comment=MARKUP)
+    payload = MARKUP.encode()
+    sub_block = bytes([len(payload)]) + payload + b"\0"
+    extensions = (
+        b"!\xfe" + sub_block
+        + b"!\xff\x0bXMP DataXMP" + sub_block
+        + b"!\xff\x0bICCRGBG1012" + sub_block
+        + b"!\x01\x0c" + bytes(12) + sub_block
+    )  # fmt: skip
+    return data.replace(b"!\xf9", extensions + b"!\xf9")
+
+
+def webp_with_chunks() -> bytes:
+    image = Image.new("RGB", (40, 30), "teal")
+    return _encoded(image, "WEBP", exif=_exif(), xmp=MARKUP.encode(), icc_profile=display_p3_profile(MARKUP))
+
+
+def animated_webp_with_chunks() -> bytes:
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green")]
+    return _encoded(
+        frames[0],
+        "WEBP",
+        save_all=True,
+        append_images=frames[1:],
+        exif=_exif(),
+        xmp=MARKUP.encode(),
+        icc_profile=display_p3_profile(MARKUP),
+    )
+
+
+_METADATA_KEYS = {"icc_profile", "exif", "xmp", "comment", "photoshop", "Comment", "Description"}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        jpeg_with_junk_profile,
+        jpeg_with_scripted_valid_profile,
+        jpeg_with_every_segment,
+        png_with_text_chunks,
+        gif_with_extensions,
+        webp_with_chunks,
+        animated_webp_with_chunks,
+    ],
+)
+def test_stored_images_are_only_pixels(
+    s3_and_clamd: None, api: Api, bob: User, thread: Thread, make: Callable[[], bytes]
+) -> None:
+    data = make()
+    with Image.open(io.BytesIO(data)) as original:
+        fmt, frames = str(original.format), getattr(original, "n_frames", 1)
+    response = upload(api(bob), thread, f"image.{fmt.lower()}", data)
+    assert response.status_code == 201, response.json()
+    attachment = Attachment.objects.get()
+    # Read back from the bucket: the file served inline and its thumbnail.
+    for key in (attachment.storage_key, attachment.thumbnail_key):
+        stored = stored_bytes(key)
+        for marker in (b"<html", b"<script", b"alert(", MARKUP.encode("utf-16-be")[:20]):
+            assert marker not in stored, (key, marker)
+        with Image.open(io.BytesIO(stored)) as image:
+            assert not _METADATA_KEYS & set(image.info), (key, image.info.keys())
+            # A GIF's one application extension is the loop count Pillow writes.
+            assert image.info.get("extension", (b"NETSCAPE2.0",))[0] == b"NETSCAPE2.0"
+            assert dict(image.getexif()) == {}
+            assert getattr(image, "text", {}) == {}
+    with Image.open(io.BytesIO(stored_bytes(attachment.storage_key))) as image:
+        assert (image.format, getattr(image, "n_frames", 1)) == (fmt, frames)
+
+
+def test_a_16_mb_junk_colour_profile_is_not_stored(s3_and_clamd: None, api: Api, bob: User, thread: Thread) -> None:
+    junk = (b"<script>" + os.urandom(56)) * (16_000_000 // 64)
+    data = _encoded(Image.new("RGB", (40, 30), "teal"), "JPEG", icc_profile=junk)
+    assert len(data) > 16_000_000
+    response = upload(api(bob), thread, "junk.jpg", data, "image/jpeg")
+    assert response.status_code == 201, response.json()
+    attachment = Attachment.objects.get()
+    stored = stored_bytes(attachment.storage_key)
+    assert attachment.size == len(stored) < 20_000
+    assert b"<script" not in stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert "icc_profile" not in image.info
+        assert image.getpixel((20, 15)) == pytest.approx((0, 128, 128), abs=3)
 
 
 def test_type_comes_from_the_bytes_not_the_name(s3_and_clamd: None, api: Api, bob: User, thread: Thread) -> None:

@@ -4,6 +4,10 @@ sniffing rules, the scanner, and the cleanup command; most also run in the smoke
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,11 +23,12 @@ from rest_framework.test import APIClient
 
 from accounts.models import User
 from attachments import storage
+from attachments.imaging import ImageRefused, gif_geometry
 from attachments.models import Attachment, ScanStatus
 from attachments.scanning import ClamdScanner, ScannerUnavailable
 from attachments.services import attachments_attach, attachments_cleanup
-from attachments.validation import Refused, download_name, sniff
-from chatapp.errors import InvalidInput
+from attachments.validation import ALLOWED, Refused, download_name, image_process, image_slot, sniff
+from chatapp.errors import InvalidInput, TooLarge
 from messaging.models import Message
 from messaging.services import message_send
 from tests.conftest import needs
@@ -31,7 +36,10 @@ from tests.test_attachments import (
     CLEAN_SVG,
     EICAR,
     HTML,
+    display_p3_profile,
     error,
+    grey_profile,
+    p3_to_srgb,
     png_bytes,
     stored_bytes,
     upload,
@@ -341,29 +349,82 @@ def test_download_name_matches_the_sniffed_type(name: str, mime: str, served: st
     assert download_name(name, mime) == served
 
 
+P3_COLOUR = (180, 90, 60)
+
+
 @pytest.mark.smoke
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_images_lose_their_metadata_but_keep_their_colour_profile(
-    local_storage: Path, api: Api, bob: User, thread: Thread, fmt: str
+@pytest.mark.parametrize(
+    ("fmt", "mode", "tolerance"), [("JPEG", "RGB", 3), ("PNG", "RGB", 1), ("PNG", "P", 1), ("WEBP", "RGB", 3)]
+)
+@pytest.mark.parametrize("profile", ["display-p3", "srgb"])
+def test_images_lose_their_metadata_and_their_colours_are_converted_to_srgb(
+    local_storage: Path, api: Api, bob: User, thread: Thread, fmt: str, mode: str, tolerance: int, profile: str
 ) -> None:
+    """Colours are converted through the profile and the profile is dropped: the stored file has
+    nothing left to carry but its pixels, and looks as the original did in a colour-managed viewer."""
     from PIL import ImageCms
 
-    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    if profile == "srgb":
+        icc, expected = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(), P3_COLOUR
+    else:
+        icc, expected = display_p3_profile(), p3_to_srgb(P3_COLOUR)
     exif = Image.Exif()
     exif[0x010F] = "SECRETCAMERA"
     exif[0x0131] = "SECRETSOFTWARE"
+    image = Image.new("RGB", (20, 10), P3_COLOUR)
+    if mode == "P":
+        image = image.quantize(colors=2)
     out = io.BytesIO()
-    Image.new("RGB", (20, 10), "red").save(out, fmt, exif=exif, icc_profile=profile)
+    image.save(out, fmt, exif=exif, icc_profile=icc, **({"quality": 95} if fmt != "PNG" else {}))
     assert b"SECRETCAMERA" in out.getvalue()
     created = upload(api(bob), thread, f"photo.{fmt.lower()}", out.getvalue())
     assert created.status_code == 201, created.json()
-    stored = stored_bytes(Attachment.objects.get().storage_key)
+    attachment = Attachment.objects.get()
+    stored = stored_bytes(attachment.storage_key)
     assert b"SECRETCAMERA" not in stored
     assert b"SECRETSOFTWARE" not in stored
     with Image.open(io.BytesIO(stored)) as image:
-        assert image.format == fmt
-        assert image.info.get("icc_profile") == profile
+        assert (image.format, image.mode) == (fmt, mode)
+        assert "icc_profile" not in image.info
         assert dict(image.getexif()) == {}
+        assert image.convert("RGB").getpixel((10, 5)) == pytest.approx(expected, abs=tolerance)
+    with Image.open(io.BytesIO(stored_bytes(attachment.thumbnail_key))) as thumbnail:
+        assert thumbnail.convert("RGB").getpixel((10, 5)) == pytest.approx(expected, abs=4)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "L"), ("PNG", "LA"), ("JPEG", "L")])
+def test_greyscale_images_are_converted_through_their_grey_profile(
+    local_storage: Path, api: Api, bob: User, thread: Thread, fmt: str, mode: str
+) -> None:
+    image = Image.new(mode, (20, 10), 128 if mode == "L" else (128, 77))
+    out = io.BytesIO()
+    image.save(out, fmt, icc_profile=grey_profile(1.8))
+    created = upload(api(bob), thread, f"scan.{fmt.lower()}", out.getvalue())
+    assert created.status_code == 201, created.json()
+    linear = (128 / 255) ** 1.8
+    expected = round(255 * (1.055 * linear ** (1 / 2.4) - 0.055))  # 1.8 gamma's 128 is sRGB's 147
+    with Image.open(io.BytesIO(stored_bytes(Attachment.objects.get().storage_key))) as stored:
+        assert (stored.mode, "icc_profile" in stored.info) == (mode, False)
+        pixel = stored.getpixel((10, 5))
+        assert pixel == (pytest.approx(expected, abs=1) if mode == "L" else (pytest.approx(expected, abs=1), 77))
+
+
+@pytest.mark.smoke
+def test_a_jpeg_with_further_pictures_keeps_only_its_primary_picture(
+    local_storage: Path, api: Api, bob: User, thread: Thread
+) -> None:
+    """Multi-picture JPEGs (MPF: Android's Ultra HDR photos carry their gain map so) are photos."""
+    primary = Image.new("RGB", (40, 30), (0, 128, 128))
+    secondary = Image.new("RGB", (20, 15), "white")
+    out = io.BytesIO()
+    primary.save(out, "MPO", save_all=True, append_images=[secondary])
+    created = upload(api(bob), thread, "ultra-hdr.jpg", out.getvalue())
+    assert created.status_code == 201, created.json()
+    assert (created.json()["content_type"], created.json()["width"], created.json()["height"]) == ("image/jpeg", 40, 30)
+    with Image.open(io.BytesIO(stored_bytes(Attachment.objects.get().storage_key))) as stored:
+        assert (stored.format, getattr(stored, "n_frames", 1), "mp" in stored.info) == ("JPEG", 1, False)
+        assert stored.getpixel((20, 15)) == pytest.approx((0, 128, 128), abs=3)
 
 
 @pytest.mark.smoke
@@ -395,7 +456,7 @@ def frame_bomb_gif(width: int, height: int, frames: int = 1) -> bytes:
 
     head = b"GIF89a" + struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
     head += b"!\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
-    return head + frame(1, 1) + b"".join(frame(width, height) for _ in range(frames)) + b";"
+    return head + frame(1, 1) + frame(width, height) * frames + b";"
 
 
 @pytest.mark.smoke
@@ -403,13 +464,14 @@ def frame_bomb_gif(width: int, height: int, frames: int = 1) -> bytes:
     ("width", "height", "frames"),
     [
         (400, 300, 1),  # one frame past the cap, behind a 1x1 header
-        (200, 200, 12),  # every frame under the cap, too many of them together (480,000 pixels)
+        (200, 200, 12),  # every frame under the cap, too many of them together (13 x 40,000 pixels)
     ],
 )
 def test_animation_frames_larger_than_their_header_are_refused(
     local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any, width: int, height: int, frames: int
 ) -> None:
-    settings.ATTACHMENT_MAX_IMAGE_PIXELS = 100_000  # 4x that for a whole animation
+    settings.ATTACHMENT_MAX_IMAGE_PIXELS = 100_000
+    settings.ATTACHMENT_MAX_ANIMATION_PIXELS = 400_000
     bomb = frame_bomb_gif(width, height, frames)
     with Image.open(io.BytesIO(bomb)) as header:
         assert header.size == (1, 1)  # what the header says
@@ -421,6 +483,223 @@ def test_animation_frames_larger_than_their_header_are_refused(
     assert storage.object_size(recorded.storage_key) is None
     # Under the caps, the same shape of file is fine.
     assert upload(api(bob), thread, "ok.gif", frame_bomb_gif(200, 200, 2)).status_code == 201
+
+
+def _with_junk_between_frames(gif: bytes) -> bytes:
+    """Bytes that are no block between two frames: Pillow skips them and reads on."""
+    second = gif.index(b"!\xf9", gif.index(b"!\xf9") + 1)
+    return gif[:second] + b"\x99\x42\x00" + gif[second:]
+
+
+def _gif_with_offsets() -> bytes:
+    """Frames with local colour tables, placed past the canvas's edge by their offsets."""
+    frames = [Image.new("RGB", (20, 10), colour) for colour in ("red", "green", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], comment=b"x" * 600)
+    data = bytearray(out.getvalue())
+    last = data.rindex(b",")  # the last frame's descriptor: move it to (30, 25)
+    data[last + 1 : last + 5] = b"\x1e\x00\x19\x00"
+    return bytes(data)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    "gif",
+    [
+        frame_bomb_gif(40, 30, 3),
+        _with_junk_between_frames(frame_bomb_gif(40, 30, 3)),
+        _gif_with_offsets(),
+        png_bytes(),  # not a GIF at all
+    ],
+    ids=["larger-than-header", "junk-between-frames", "offsets-and-local-palettes", "not-a-gif"],
+)
+def test_gif_frames_are_sized_from_their_headers_as_pillow_decodes_them(tmp_path: Path, gif: bytes) -> None:
+    path = tmp_path / "a.gif"
+    path.write_bytes(gif)
+    if not gif.startswith(b"GIF"):
+        with open(path, "rb") as f, pytest.raises(ImageRefused):
+            gif_geometry(f)
+        return
+    sizes = []
+    with Image.open(path) as im:
+        for index in range(getattr(im, "n_frames", 1)):  # decoding every frame: what the geometry must predict
+            im.seek(index)
+            im.load()
+            sizes.append(im.size)
+    with open(path, "rb") as f:
+        assert gif_geometry(f) == (max(w for w, _ in sizes), max(h for _, h in sizes), len(sizes))
+
+
+_VALIDATE = """
+import json, resource, sys, tempfile, threading
+from pathlib import Path
+
+import django
+
+django.setup()
+from attachments.validation import image_process, sniff
+from chatapp.errors import ServiceError
+
+outcomes = []
+
+
+def validate(path):
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            image_process(path, sniff(path), workdir=Path(workdir))
+            outcomes.append("accepted")
+        except ServiceError as exc:
+            outcomes.append(exc.as_dict().get("reason", exc.code))
+
+
+threads = [threading.Thread(target=validate, args=(Path(p),)) for p in sys.argv[1:]]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"outcomes": outcomes, "peak_mb": peak // 1024, "workers_peak_mb": children // 1024}))
+"""
+
+
+def validate_in_subprocess(paths: list[Path]) -> dict[str, Any]:
+    """Validate ``paths`` at once, as concurrent uploads would, in a fresh server-like process with
+    the default settings; with its peak memory and that of any worker it started.
+
+    The process's own peak is its ``VmHWM``: ``ru_maxrss`` would include this test process's
+    memory, which Linux carries over ``exec``. The workers' peak (``RUSAGE_CHILDREN``) includes
+    what the validating process held when it started them, so it bounds them from above.
+    """
+    from django.conf import settings
+
+    done = subprocess.run(
+        [sys.executable, "-c", _VALIDATE, *map(str, paths)],
+        capture_output=True,
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "chatapp.settings"},
+        timeout=600,
+        check=True,
+    )
+    measured: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return measured
+
+
+@pytest.mark.smoke
+def test_an_animation_bomb_is_refused_from_its_headers_in_bounded_memory(tmp_path: Path) -> None:
+    """121 KB declaring 4 frames of 6300x6300 behind a 1x1 header: every frame under the
+    per-frame cap. Composited, that is 5 x 39.7 megapixels (~1 GB of memory each, before);
+    three arrive at once."""
+    bomb = tmp_path / "bomb.gif"
+    bomb.write_bytes(frame_bomb_gif(6300, 6300, 4))
+    assert bomb.stat().st_size < 150_000
+    measured = validate_in_subprocess([bomb, bomb, bomb])
+    assert measured["outcomes"] == ["too_many_pixels"] * 3, measured
+    assert measured["peak_mb"] < 300, measured
+    assert measured["workers_peak_mb"] < 300, measured
+
+
+def many_frames_gif(count: int) -> bytes:
+    """``count`` frames of one pixel each, ~23 bytes a frame."""
+    import struct
+
+    head = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+    head += b"!\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    frames = [
+        b"!\xf9\x04\x04\x02\x00\x00\x00,"
+        + struct.pack("<HHHH", 0, 0, 1, 1)
+        + b"\x00\x02\x02"
+        + bytes([0x44 | (index & 1) << 3, 0x01])  # clear, pixel (black or white), end
+        + b"\x00"
+        for index in range(count)
+    ]
+    return head + b"".join(frames) + b";"
+
+
+@pytest.mark.smoke
+def test_an_animation_of_too_many_frames_is_refused_however_small(
+    local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any
+) -> None:
+    """Every frame costs a pass through decoder and encoder: 20 MB of 1x1 frames is ~900,000 of them."""
+    assert settings.ATTACHMENT_MAX_ANIMATION_FRAMES == 1000
+    refused = upload(api(bob), thread, "flicker.gif", many_frames_gif(1001))
+    assert refused.status_code == 413, refused.json()
+    assert error(refused)["reason"] == "too_many_frames"
+    created = upload(api(bob), thread, "flicker.gif", many_frames_gif(1000))
+    assert created.status_code == 201, created.json()
+    with Image.open(io.BytesIO(stored_bytes(Attachment.objects.get(pk=created.json()["id"]).storage_key))) as stored:
+        assert getattr(stored, "n_frames", 1) == 1000
+
+
+@pytest.mark.smoke
+def test_images_are_processed_a_bounded_number_at_once(
+    local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any
+) -> None:
+    settings.ATTACHMENT_IMAGE_WORKERS = 1
+    settings.ATTACHMENT_IMAGE_TIMEOUT = 1
+    with image_slot():  # this process's only image slot is taken
+        busy = upload(api(bob), thread, "a.png", png_bytes())
+        assert busy.status_code == 503
+        assert error(busy)["code"] == "images_busy"
+        assert not Attachment.objects.exists()  # nothing kept, nothing recorded as refused
+
+        data = png_bytes((30, 20))
+        asked = api(bob).post(
+            f"/api/v1/threads/{thread.pk}/attachments/uploads", {"name": "b.png", "size": len(data)}, format="json"
+        )
+        attachment_id = asked.json()["attachment"]["id"]
+        api(bob).post(urlparse(asked.json()["upload"]["url"]).path, {"file": io.BytesIO(data)}, format="multipart")
+        assert api(bob).post(f"/api/v1/attachments/{attachment_id}/complete").status_code == 503
+        assert Attachment.objects.get(pk=attachment_id).scan_status == ScanStatus.PENDING
+    # The slot is free again: the same upload completes.
+    assert api(bob).post(f"/api/v1/attachments/{attachment_id}/complete").json()["status"] == "CLEAN"
+    settings.ATTACHMENT_IMAGE_WORKERS = 2
+    with image_slot():  # one of two taken: an upload takes the other
+        assert upload(api(bob), thread, "c.png", png_bytes()).status_code == 201
+
+
+@pytest.mark.smoke
+def test_an_image_needing_more_memory_than_a_worker_may_use_is_refused(
+    local_storage: Path, api: Api, bob: User, thread: Thread, settings: Any
+) -> None:
+    image = png_bytes((4000, 4000))  # 64 MB decoded (Pillow keeps RGB in 4 bytes a pixel)
+    settings.ATTACHMENT_IMAGE_MEMORY_MB = 80
+    refused = upload(api(bob), thread, "big.png", image)
+    assert refused.status_code == 413, refused.json()
+    assert error(refused)["reason"] == "too_complex"
+    assert Attachment.objects.get().scan_status == ScanStatus.REJECTED
+    settings.ATTACHMENT_IMAGE_MEMORY_MB = 1536
+    assert upload(api(bob), thread, "big.png", image).status_code == 201
+
+
+@pytest.mark.smoke
+def test_an_image_worker_that_does_not_finish_is_stopped_and_its_slot_freed(tmp_path: Path, settings: Any) -> None:
+    """A worker reading a pipe nobody writes never finishes, whatever the machine's speed."""
+    settings.ATTACHMENT_IMAGE_WORKERS = 1
+    settings.ATTACHMENT_IMAGE_TIMEOUT = 1
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)
+    with pytest.raises(TooLarge) as refused:
+        image_process(stuck, ALLOWED["image/png"], workdir=tmp_path)
+    assert refused.value.as_dict()["reason"] == "too_complex"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stuck.png"]  # no output left behind
+    source = tmp_path / "fine.png"
+    source.write_bytes(png_bytes((30, 20)))
+    processed = image_process(source, ALLOWED["image/png"], workdir=tmp_path)
+    assert (processed.width, processed.height) == (30, 20)
+
+
+@pytest.mark.smoke
+def test_image_processing_leaves_no_file_open(tmp_path: Path) -> None:
+    """A long-running server must not lose a file descriptor per image (it would run out)."""
+    source = tmp_path / "a.png"
+    source.write_bytes(png_bytes((30, 20)))
+    image_process(source, ALLOWED["image/png"], workdir=tmp_path)  # anything opened once, for good
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        image_process(source, ALLOWED["image/png"], workdir=tmp_path).path.unlink()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.mark.smoke
