@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +21,10 @@ from accounts.models import User
 from accounts.services import user_password_changed, user_update_profile
 from messaging.models import Message, Notification
 from messaging.services import message_send, notifications_mark_read
-from tests.browser import LiveServer
+from tests.browser import FileChoosers, LiveServer
 from tests.conftest import needs
 from tests.test_web_chat import TIMEOUT, eventually, off_loop, open_chat, png_bytes, wait_connected, wait_until
-from tests.test_web_chat_more import open_thread
+from tests.test_web_chat_more import HeldRequests, open_thread
 from threads.services import participant_settings_update, thread_create
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -286,29 +287,30 @@ UNNAMED_BUTTONS = """
 
 
 def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
-    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User], tmp_path: Path
 ) -> None:
     needs("postgres")
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Keys", participant_ids=[bob.pk])
     off_loop(message_send, sender=alice, thread_id=thread.pk, body="mine to act on", client_msg_id="k1")
     page = open_chat(browser, live_daphne, alice)
+    choosers = FileChoosers(page)
     open_thread(page, thread.pk)
     page.wait_for_selector("#messages .message .body:has-text('mine to act on')")
-    # The thread has finished opening (its details shown, in the same step as the page focuses the
-    # message box): a late focus no longer takes the keyboard from under the test.
-    page.wait_for_selector("#members-btn:not([hidden])")
+    page.wait_for_selector("#members-btn:not([hidden])")  # the thread has finished opening
 
     # From the message box, Shift+Tab reaches the attach button; Enter opens the file chooser.
     page.focus("#input")
     page.keyboard.press("Shift+Tab")
     assert page.evaluate("document.activeElement.id") == "attach-btn"
     assert page.get_attribute("#attach-btn", "aria-label") == "Attach files"
-    with page.expect_file_chooser() as chosen:
-        page.keyboard.press("Enter")
-    chooser = chosen.value
-    assert chooser.is_multiple()
-    chooser.set_files(files=[{"name": "keyboard.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    page.keyboard.press("Enter")
+    chooser = choosers.next()
+    assert chooser["mode"] == "selectMultiple"
+    assert choosers.input_id(chooser) == "file-input"
+    picked = tmp_path / "keyboard.png"
+    picked.write_bytes(png_bytes())
+    choosers.choose(chooser, [picked])
     page.wait_for_selector("#uploads .upload.done:has-text('keyboard.png')")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "input"
@@ -317,6 +319,44 @@ def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
     page.click("#notif-btn")
     page.wait_for_selector("#notif-empty:not([hidden])")
     assert page.evaluate(UNNAMED_BUTTONS) == []
+    assert page.js_errors == []
+
+
+def test_a_thread_that_loads_late_never_takes_the_keyboard_back(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Slow", participant_ids=[bob.pk])
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body="late page", client_msg_id="s1")
+    page = open_chat(browser, live_daphne, alice)
+    choosers = FileChoosers(page)
+    wait_connected(page)
+
+    # The thread's history is on its way while the person tabs from the message box to the attach
+    # button: when it arrives, the keyboard stays there, and Enter opens the chooser.
+    history = HeldRequests(page, f"**/api/v1/threads/{thread.pk}/messages*")
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    history.wait("the thread's history")
+    page.focus("#input")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "attach-btn"
+    history.release()
+    page.wait_for_selector("#messages .message .body:has-text('late page')")
+    page.wait_for_selector("#members-btn:not([hidden])")  # opened: the step that focuses has run
+    assert page.evaluate("document.activeElement.id") == "attach-btn"
+    page.keyboard.press("Enter")
+    assert choosers.input_id(choosers.next()) == "file-input"
+
+    # A re-read the page makes on its own (a resync from the server) leaves the keyboard alone.
+    page.focus("#search-input")
+    page.evaluate(
+        "([id, seq]) => window.chatapp.socket.handlers['resync']({ type: 'resync', thread_id: id, seq })",
+        [thread.pk, 1],
+    )
+    page.wait_for_selector("#members-btn:not([hidden])")
+    page.wait_for_selector("#messages .message .body:has-text('late page')")
+    assert page.evaluate("document.activeElement.id") == "search-input"
     assert page.js_errors == []
 
 

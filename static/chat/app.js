@@ -497,8 +497,11 @@
     state.oldestReached.delete(threadId);
   }
 
-  async function openThread(threadId, aroundSeq = null) {
+  // ``focus``: the message box takes the keyboard once the thread has loaded. Re-reads the page does
+  // on its own (a resync, the socket back after opening offline) pass false: they never move it.
+  async function openThread(threadId, aroundSeq = null, { focus = true } = {}) {
     if (state.signedOut) return;
+    const focusedBefore = document.activeElement;
     const previous = state.current;
     state.current = threadId;
     if (previous && previous !== threadId) trimThread(previous);
@@ -565,7 +568,10 @@
     }
     subscribe(threadId);
     markRead(threadId);
-    $("input").focus();
+    // Only if the person has not put the keyboard elsewhere while the thread loaded (tabbed to the
+    // attach button, clicked the search box): a late step never takes it from under them.
+    const moved = document.activeElement !== focusedBefore && document.activeElement !== document.body;
+    if (focus && !moved) $("input").focus();
     fillHistory();
   }
 
@@ -1989,7 +1995,7 @@
     document.body.classList.remove("offline");
     subscribeAll();
     if (!state.threadsLoaded) loadThreads().catch(() => {});
-    if (state.current && state.openedOffline === state.current) openThread(state.current);
+    if (state.current && state.openedOffline === state.current) openThread(state.current, null, { focus: false });
     await flushOutbox();
   });
   socket.on("offline", () => {
@@ -2045,7 +2051,7 @@
     if (typeof frame.seq === "number") state.lastSeq.set(threadId, frame.seq);
     state.messages.delete(threadId);
     state.oldestReached.delete(threadId);
-    if (threadId === state.current) openThread(threadId);
+    if (threadId === state.current) openThread(threadId, null, { focus: false });
   });
   socket.on("pong", () => {});
   socket.on("ping", () => socket.send({ type: "pong" }, false).catch(() => {}));
