@@ -11,6 +11,7 @@ is not open keeps only its newest messages. Each test fails against the page bef
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,23 @@ def unread_notes(user: User) -> set[int]:
     return set(Notification.objects.filter(recipient=user, read_at__isnull=True).values_list("message_id", flat=True))
 
 
+# Counts the notification.read notices the page has handled (``window.__readNotices``).
+COUNT_READ_NOTICES = """
+() => {
+  const socket = window.chatapp.socket;
+  const handle = socket.handlers['notification.read'];
+  window.__readNotices = 0;
+  socket.on('notification.read', (frame) => {
+    handle(frame);
+    window.__readNotices += 1;
+  });
+}
+"""
+
+# A read notice has been handled, and the unread count it makes the page read again has come back.
+READ_NOTICE_APPLIED = "() => window.__readNotices > 0 && window.chatapp.state.notes.counted !== null"
+
+
 def test_the_bell_lists_notifications_and_opening_one_marks_only_that_one(
     browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
 ) -> None:
@@ -70,13 +88,15 @@ def test_the_bell_lists_notifications_and_opening_one_marks_only_that_one(
         "@bob look here",
     ]
     # The older one: its thread opens at that message, and only it is marked read.
+    page.evaluate(COUNT_READ_NOTICES)
     page.locator("#notif-list .notif-item", has_text="look here").locator("button").click()
     page.wait_for_selector(f'.thread-item.active[data-thread-id="{first.pk}"]')
     page.wait_for_selector(f'#messages .message[data-id="{look.pk}"] .body:has-text("look here")')
     assert page.locator("#notif-panel").is_hidden()
     wait_badge(page, 1)
     eventually(page, lambda: unread_notes(bob) == {also.pk}, what="only the opened notification to be read")
-    page.wait_for_timeout(300)  # the read notice comes back on the socket: counted once
+    # The read notice comes back on the socket, and the count the page reads again then is the same.
+    wait_until(page, READ_NOTICE_APPLIED, what="the read notice and the count after it")
     assert badge(page) == "1"
 
     # Opened again: the one still unread shows so; "Mark all read" reads the rest.
@@ -171,6 +191,7 @@ DROP_SENDS = """
 (() => {
   const send = WebSocket.prototype.send;
   window.__dropped = [];
+  window.__sent = [];
   WebSocket.prototype.send = function (data) {
     let frame = null;
     try { frame = typeof data === 'string' ? JSON.parse(data) : null; } catch (_) {}
@@ -179,6 +200,7 @@ DROP_SENDS = """
       window.__dropped.push(frame.client_msg_id);
       return undefined;
     }
+    if (frame && frame.type === 'message.send') window.__sent.push(frame.client_msg_id);
     return send.call(this, data);
   };
 })();
@@ -252,7 +274,7 @@ def test_a_send_whose_ack_never_came_is_sent_again_while_connected(
     needs("redis")
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Lossy", participant_ids=[bob.pk])
-    page = open_chat(browser, live_daphne, alice, DROP_SENDS)
+    page = open_chat(browser, live_daphne, alice, DROP_SENDS, clock=True)
     open_thread(page, thread.pk)
     page.evaluate(WATCH_QUEUED)
     page.evaluate("() => { window.__dropFirstSend = true; }")
@@ -262,10 +284,16 @@ def test_a_send_whose_ack_never_came_is_sent_again_while_connected(
     wait_until(page, "() => window.__dropped.length === 1", what="the first send to be dropped")
     pending = page.locator("#messages .message.pending", has_text="lost on the way")
     assert pending.locator(".status").inner_text() == "Sending…"
-    # No ack within 15 s: sent again on the same socket, with the same client message id.
+    # No ack within 15 s: sent again on the same socket, with the same client message id. The page's
+    # clock is moved on (the ack's 15 s, then the resend's pause) instead of waiting them out.
+    page.clock.fast_forward(15_000)
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while not page.evaluate("() => window.__sent.length"):
+        assert time.monotonic() < deadline, "the message was not sent again"
+        page.clock.fast_forward(250)
+        page.wait_for_timeout(50)
     page.wait_for_selector(
-        "#messages .message:not(.pending):not(.queued):not(.failed) .body:has-text('lost on the way')",
-        timeout=TIMEOUT + 30_000,
+        "#messages .message:not(.pending):not(.queued):not(.failed) .body:has-text('lost on the way')"
     )
     cid = page.evaluate("() => window.__dropped[0]")
     assert Message.objects.filter(thread=thread, sender=alice, client_msg_id=cid).count() == 1
