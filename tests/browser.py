@@ -189,3 +189,50 @@ def session_cookie_for(user: Any, server: LiveServer) -> dict[str, Any]:
     session[HASH_SESSION_KEY] = user.get_session_auth_hash()
     session.save()
     return {"name": settings.SESSION_COOKIE_NAME, "value": session.session_key, "url": server.url}
+
+
+class FileChoosers:
+    """The file choosers a page opens, caught through a DevTools session of the test's own.
+
+    Not ``page.expect_file_chooser()``: Playwright asks Chromium to intercept file choosers only
+    when a listener is added, and does not wait for the answer before the test's next action. A
+    chooser the page opens in the next milliseconds then goes to the browser itself, which (headless)
+    cancels it at once, and the event never comes: the page had opened it. Seen in a protocol log
+    (DEBUG=pw:protocol) of the keyboard test failing 1 run in 4: the reply to the key press came
+    back before the reply to ``Page.setInterceptFileChooserDialog`` sent just ahead of it, and the
+    page's input got ``cancel``. Here the interception is in force, answered, before anything
+    else happens.
+    """
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.opened: list[dict[str, Any]] = []
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.on("Page.fileChooserOpened", self._opened)
+        self.cdp.send("Page.enable")
+        self.cdp.send("Page.setInterceptFileChooserDialog", {"enabled": True})
+
+    def _opened(self, event: dict[str, Any]) -> None:
+        self.opened.append(event)
+
+    def next(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The next chooser opened (``mode`` and ``backendNodeId`` of its input), waiting for it."""
+        deadline = time.monotonic() + timeout
+        while not self.opened:
+            if time.monotonic() > deadline:
+                raise AssertionError("the page opened no file chooser")
+            self.page.wait_for_timeout(50)
+        return self.opened.pop(0)
+
+    def input_id(self, chooser: dict[str, Any]) -> str:
+        """The id attribute of the input that opened ``chooser``."""
+        node = self.cdp.send("DOM.describeNode", {"backendNodeId": chooser["backendNodeId"]})["node"]
+        attributes = node.get("attributes", [])
+        return str(dict(zip(attributes[::2], attributes[1::2], strict=True)).get("id", ""))
+
+    def choose(self, chooser: dict[str, Any], paths: list[Path]) -> None:
+        """Pick ``paths`` in ``chooser``, as a person would in the dialog (the input's change fires)."""
+        self.cdp.send(
+            "DOM.setFileInputFiles",
+            {"backendNodeId": chooser["backendNodeId"], "files": [str(p) for p in paths]},
+        )

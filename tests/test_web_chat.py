@@ -101,9 +101,13 @@ def open_chat(
     user: User,
     *init_scripts: str,
     viewport: dict[str, int] | None = None,
+    clock: bool = False,
 ) -> Any:
-    """The chat page signed in as ``user``; ``init_scripts`` run before the page's own."""
+    """The chat page signed in as ``user``; ``init_scripts`` run before the page's own. With ``clock``
+    the page's timers run on Playwright's clock (time flows as usual until the test moves it on)."""
     context = browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+    if clock:
+        context.clock.install()
     context.add_init_script(WATCH_SUBSCRIPTIONS)
     for script in init_scripts:
         context.add_init_script(script)

@@ -11,7 +11,9 @@ is not open keeps only its newest messages. Each test fails against the page bef
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +22,10 @@ from accounts.models import User
 from accounts.services import user_password_changed, user_update_profile
 from messaging.models import Message, Notification
 from messaging.services import message_send, notifications_mark_read
-from tests.browser import LiveServer
+from tests.browser import FileChoosers, LiveServer
 from tests.conftest import needs
 from tests.test_web_chat import TIMEOUT, eventually, off_loop, open_chat, png_bytes, wait_connected, wait_until
-from tests.test_web_chat_more import open_thread
+from tests.test_web_chat_more import HeldRequests, open_thread
 from threads.services import participant_settings_update, thread_create
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -45,6 +47,23 @@ def wait_badge(page: Any, count: int) -> None:
 
 def unread_notes(user: User) -> set[int]:
     return set(Notification.objects.filter(recipient=user, read_at__isnull=True).values_list("message_id", flat=True))
+
+
+# Counts the notification.read notices the page has handled (``window.__readNotices``).
+COUNT_READ_NOTICES = """
+() => {
+  const socket = window.chatapp.socket;
+  const handle = socket.handlers['notification.read'];
+  window.__readNotices = 0;
+  socket.on('notification.read', (frame) => {
+    handle(frame);
+    window.__readNotices += 1;
+  });
+}
+"""
+
+# A read notice has been handled, and the unread count it makes the page read again has come back.
+READ_NOTICE_APPLIED = "() => window.__readNotices > 0 && window.chatapp.state.notes.counted !== null"
 
 
 def test_the_bell_lists_notifications_and_opening_one_marks_only_that_one(
@@ -69,13 +88,15 @@ def test_the_bell_lists_notifications_and_opening_one_marks_only_that_one(
         "@bob look here",
     ]
     # The older one: its thread opens at that message, and only it is marked read.
+    page.evaluate(COUNT_READ_NOTICES)
     page.locator("#notif-list .notif-item", has_text="look here").locator("button").click()
     page.wait_for_selector(f'.thread-item.active[data-thread-id="{first.pk}"]')
     page.wait_for_selector(f'#messages .message[data-id="{look.pk}"] .body:has-text("look here")')
     assert page.locator("#notif-panel").is_hidden()
     wait_badge(page, 1)
     eventually(page, lambda: unread_notes(bob) == {also.pk}, what="only the opened notification to be read")
-    page.wait_for_timeout(300)  # the read notice comes back on the socket: counted once
+    # The read notice comes back on the socket, and the count the page reads again then is the same.
+    wait_until(page, READ_NOTICE_APPLIED, what="the read notice and the count after it")
     assert badge(page) == "1"
 
     # Opened again: the one still unread shows so; "Mark all read" reads the rest.
@@ -170,6 +191,7 @@ DROP_SENDS = """
 (() => {
   const send = WebSocket.prototype.send;
   window.__dropped = [];
+  window.__sent = [];
   WebSocket.prototype.send = function (data) {
     let frame = null;
     try { frame = typeof data === 'string' ? JSON.parse(data) : null; } catch (_) {}
@@ -178,6 +200,7 @@ DROP_SENDS = """
       window.__dropped.push(frame.client_msg_id);
       return undefined;
     }
+    if (frame && frame.type === 'message.send') window.__sent.push(frame.client_msg_id);
     return send.call(this, data);
   };
 })();
@@ -251,7 +274,7 @@ def test_a_send_whose_ack_never_came_is_sent_again_while_connected(
     needs("redis")
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Lossy", participant_ids=[bob.pk])
-    page = open_chat(browser, live_daphne, alice, DROP_SENDS)
+    page = open_chat(browser, live_daphne, alice, DROP_SENDS, clock=True)
     open_thread(page, thread.pk)
     page.evaluate(WATCH_QUEUED)
     page.evaluate("() => { window.__dropFirstSend = true; }")
@@ -261,10 +284,16 @@ def test_a_send_whose_ack_never_came_is_sent_again_while_connected(
     wait_until(page, "() => window.__dropped.length === 1", what="the first send to be dropped")
     pending = page.locator("#messages .message.pending", has_text="lost on the way")
     assert pending.locator(".status").inner_text() == "Sending…"
-    # No ack within 15 s: sent again on the same socket, with the same client message id.
+    # No ack within 15 s: sent again on the same socket, with the same client message id. The page's
+    # clock is moved on (the ack's 15 s, then the resend's pause) instead of waiting them out.
+    page.clock.fast_forward(15_000)
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while not page.evaluate("() => window.__sent.length"):
+        assert time.monotonic() < deadline, "the message was not sent again"
+        page.clock.fast_forward(250)
+        page.wait_for_timeout(50)
     page.wait_for_selector(
-        "#messages .message:not(.pending):not(.queued):not(.failed) .body:has-text('lost on the way')",
-        timeout=TIMEOUT + 30_000,
+        "#messages .message:not(.pending):not(.queued):not(.failed) .body:has-text('lost on the way')"
     )
     cid = page.evaluate("() => window.__dropped[0]")
     assert Message.objects.filter(thread=thread, sender=alice, client_msg_id=cid).count() == 1
@@ -286,29 +315,30 @@ UNNAMED_BUTTONS = """
 
 
 def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
-    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User], tmp_path: Path
 ) -> None:
     needs("postgres")
     alice, bob = make_user("alice"), make_user("bob")
     thread, _ = off_loop(thread_create, creator=alice, title="Keys", participant_ids=[bob.pk])
     off_loop(message_send, sender=alice, thread_id=thread.pk, body="mine to act on", client_msg_id="k1")
     page = open_chat(browser, live_daphne, alice)
+    choosers = FileChoosers(page)
     open_thread(page, thread.pk)
     page.wait_for_selector("#messages .message .body:has-text('mine to act on')")
-    # The thread has finished opening (its details shown, in the same step as the page focuses the
-    # message box): a late focus no longer takes the keyboard from under the test.
-    page.wait_for_selector("#members-btn:not([hidden])")
+    page.wait_for_selector("#members-btn:not([hidden])")  # the thread has finished opening
 
     # From the message box, Shift+Tab reaches the attach button; Enter opens the file chooser.
     page.focus("#input")
     page.keyboard.press("Shift+Tab")
     assert page.evaluate("document.activeElement.id") == "attach-btn"
     assert page.get_attribute("#attach-btn", "aria-label") == "Attach files"
-    with page.expect_file_chooser() as chosen:
-        page.keyboard.press("Enter")
-    chooser = chosen.value
-    assert chooser.is_multiple()
-    chooser.set_files(files=[{"name": "keyboard.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    page.keyboard.press("Enter")
+    chooser = choosers.next()
+    assert chooser["mode"] == "selectMultiple"
+    assert choosers.input_id(chooser) == "file-input"
+    picked = tmp_path / "keyboard.png"
+    picked.write_bytes(png_bytes())
+    choosers.choose(chooser, [picked])
     page.wait_for_selector("#uploads .upload.done:has-text('keyboard.png')")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "input"
@@ -317,6 +347,44 @@ def test_the_attach_button_works_from_the_keyboard_and_icon_buttons_have_names(
     page.click("#notif-btn")
     page.wait_for_selector("#notif-empty:not([hidden])")
     assert page.evaluate(UNNAMED_BUTTONS) == []
+    assert page.js_errors == []
+
+
+def test_a_thread_that_loads_late_never_takes_the_keyboard_back(
+    browser: Any, live_daphne: LiveServer, make_user: Callable[..., User]
+) -> None:
+    needs("postgres")
+    alice, bob = make_user("alice"), make_user("bob")
+    thread, _ = off_loop(thread_create, creator=alice, title="Slow", participant_ids=[bob.pk])
+    off_loop(message_send, sender=alice, thread_id=thread.pk, body="late page", client_msg_id="s1")
+    page = open_chat(browser, live_daphne, alice)
+    choosers = FileChoosers(page)
+    wait_connected(page)
+
+    # The thread's history is on its way while the person tabs from the message box to the attach
+    # button: when it arrives, the keyboard stays there, and Enter opens the chooser.
+    history = HeldRequests(page, f"**/api/v1/threads/{thread.pk}/messages*")
+    page.click(f'.thread-item[data-thread-id="{thread.pk}"]')
+    history.wait("the thread's history")
+    page.focus("#input")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "attach-btn"
+    history.release()
+    page.wait_for_selector("#messages .message .body:has-text('late page')")
+    page.wait_for_selector("#members-btn:not([hidden])")  # opened: the step that focuses has run
+    assert page.evaluate("document.activeElement.id") == "attach-btn"
+    page.keyboard.press("Enter")
+    assert choosers.input_id(choosers.next()) == "file-input"
+
+    # A re-read the page makes on its own (a resync from the server) leaves the keyboard alone.
+    page.focus("#search-input")
+    page.evaluate(
+        "([id, seq]) => window.chatapp.socket.handlers['resync']({ type: 'resync', thread_id: id, seq })",
+        [thread.pk, 1],
+    )
+    page.wait_for_selector("#members-btn:not([hidden])")
+    page.wait_for_selector("#messages .message .body:has-text('late page')")
+    assert page.evaluate("document.activeElement.id") == "search-input"
     assert page.js_errors == []
 
 

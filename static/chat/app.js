@@ -15,6 +15,7 @@
   const QUICK_EMOJI = ["👍", "❤️", "😂", "🎉", "😮", "😢", "👀", "✅"];
   const BACKGROUND_KEEP = 200; // messages kept per thread that is not open (the open one keeps what it loaded)
   const RESEND_MAX_MS = 30000; // a send left unanswered while connected is sent again, at most this far apart
+  const UNAVAILABLE_DEFAULT_S = 5; // the wait after "unavailable" when the server names none
   const NOTE_PAGE = 20; // notifications the bell's list shows
 
   // ---------------------------------------------------------------- state
@@ -100,10 +101,11 @@
   }
 
   class ApiError extends Error {
-    constructor(status, body) {
+    constructor(status, body, retryAfter = null) {
       super((body && body.error && body.error.message) || "Request failed (" + status + ")");
       this.status = status;
       this.body = body;
+      this.retryAfter = retryAfter; // the Retry-After header, in seconds, if any
     }
   }
 
@@ -122,7 +124,7 @@
     } catch (_) {
       data = null;
     }
-    if (!response.ok) throw new ApiError(response.status, data);
+    if (!response.ok) throw new ApiError(response.status, data, Number(response.headers.get("Retry-After")) || null);
     return data;
   }
 
@@ -359,7 +361,7 @@
 
   async function flushOutbox() {
     for (const item of [...state.pending.values()]) {
-      if (item.status === "queued" || item.status === "failed-retry") await deliver(item);
+      if (item.status === "queued" || item.status === "unavailable") await deliver(item);
     }
   }
 
@@ -497,8 +499,11 @@
     state.oldestReached.delete(threadId);
   }
 
-  async function openThread(threadId, aroundSeq = null) {
+  // ``focus``: the message box takes the keyboard once the thread has loaded. Re-reads the page does
+  // on its own (a resync, the socket back after opening offline) pass false: they never move it.
+  async function openThread(threadId, aroundSeq = null, { focus = true } = {}) {
     if (state.signedOut) return;
+    const focusedBefore = document.activeElement;
     const previous = state.current;
     state.current = threadId;
     if (previous && previous !== threadId) trimThread(previous);
@@ -565,7 +570,10 @@
     }
     subscribe(threadId);
     markRead(threadId);
-    $("input").focus();
+    // Only if the person has not put the keyboard elsewhere while the thread loaded (tabbed to the
+    // attach button, clicked the search box): a late step never takes it from under them.
+    const moved = document.activeElement !== focusedBefore && document.activeElement !== document.body;
+    if (focus && !moved) $("input").focus();
     fillHistory();
   }
 
@@ -694,6 +702,7 @@
     if (mine && !message.deleted) {
       if (message.pending === "pending") footer.append(el("span", { class: "status", text: "Sending…" }));
       else if (message.pending === "queued") footer.append(el("span", { class: "status", text: "Waiting for connection…" }));
+      else if (message.pending === "unavailable") footer.append(el("span", { class: "status offline", text: "Offline, will retry" }));
       else if (message.pending === "failed") {
         footer.append(el("span", { class: "status error", text: "Not sent." }),
           el("button", { type: "button", class: "link-btn retry", text: "Retry", onclick: () => retry(message.client_msg_id) }));
@@ -741,7 +750,7 @@
         body: p.body,
         sender: { id: me.id, name: me.name },
         created_at: p.createdAt,
-        pending: p.status === "failed" ? "failed" : p.status === "queued" ? "queued" : "pending",
+        pending: ["failed", "queued", "unavailable"].includes(p.status) ? p.status : "pending",
         reactions: [],
         attachments: [],
         reply_to: null,
@@ -857,12 +866,44 @@
     resends.set(item.clientMsgId, { timer, attempt });
   }
 
+  // How long the server asked us to wait, in seconds, if ``error`` says it cannot take the message
+  // for now (docs/realtime.md, "When the server is unavailable"): an "unavailable" error frame or
+  // REST body (its database is down), or a 502/503/504 from a proxy in front of it. Else null.
+  function unavailableFor(error) {
+    if (!error) return null;
+    const detail = error instanceof ApiError ? error.body && error.body.error : error;
+    const unavailable = (detail && detail.code === "unavailable") || (error instanceof ApiError && [502, 503, 504].includes(error.status));
+    if (!unavailable) return null;
+    return Number(detail && detail.retry_after) || (error instanceof ApiError && error.retryAfter) || UNAVAILABLE_DEFAULT_S;
+  }
+
+  // The server cannot store messages for now: every unsent message waits, shown "Offline, will retry",
+  // and they all go again in the order they were written once the server's retry_after has passed
+  // (with a little jitter, so that every tab does not come back in the same instant). The same
+  // client_msg_id each time: the server stores a message once.
+  let unavailableTimer = null;
+
+  function holdOutbox(seconds) {
+    clearTimeout(unavailableTimer);
+    unavailableTimer = setTimeout(() => {
+      unavailableTimer = null;
+      flushOutbox();
+    }, seconds * 1000 * (1 + Math.random() / 4));
+  }
+
   async function deliver(item) {
     if (state.signedOut || sending.has(item.clientMsgId)) return;
     const waiting = resends.get(item.clientMsgId);
     if (waiting) clearTimeout(waiting.timer);
     if (!socket.connected) {
       item.status = "queued";
+      outboxSave();
+      if (item.threadId === state.current) renderMessages({ stick: false });
+      return;
+    }
+    if (unavailableTimer) {
+      // Behind the ones already waiting for the server: not sent before them.
+      item.status = "unavailable";
       outboxSave();
       if (item.threadId === state.current) renderMessages({ stick: false });
       return;
@@ -891,7 +932,11 @@
       if (stored && stored.id) applyMessage(stored);
     } catch (error) {
       const message = error && error.message;
-      if (error && error.code === "frame_too_large") {
+      const retryAfter = unavailableFor(error);
+      if (retryAfter !== null) {
+        item.status = "unavailable";
+        holdOutbox(retryAfter);
+      } else if (error && error.code === "frame_too_large") {
         // The server closed the socket on it (1009): never sent that way again. Retry goes through the API.
         item.status = "failed";
         item.viaRest = true;
@@ -1989,7 +2034,7 @@
     document.body.classList.remove("offline");
     subscribeAll();
     if (!state.threadsLoaded) loadThreads().catch(() => {});
-    if (state.current && state.openedOffline === state.current) openThread(state.current);
+    if (state.current && state.openedOffline === state.current) openThread(state.current, null, { focus: false });
     await flushOutbox();
   });
   socket.on("offline", () => {
@@ -2045,7 +2090,7 @@
     if (typeof frame.seq === "number") state.lastSeq.set(threadId, frame.seq);
     state.messages.delete(threadId);
     state.oldestReached.delete(threadId);
-    if (threadId === state.current) openThread(threadId);
+    if (threadId === state.current) openThread(threadId, null, { focus: false });
   });
   socket.on("pong", () => {});
   socket.on("ping", () => socket.send({ type: "pong" }, false).catch(() => {}));
