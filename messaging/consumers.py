@@ -324,7 +324,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     "idle_timeout": settings.CHAT_IDLE_TIMEOUT_SECONDS,
                     "max_frame_bytes": realtime.MAX_FRAME_BYTES,
                     "compress": COMPRESSION if self.compress else None,
-                    "expires_at": auth.expires_at(self),
+                    **auth.expiry(self),
                 },
             }
         )

@@ -54,10 +54,16 @@ def adopt(consumer: Any) -> None:
     _arm_expiry(consumer)
 
 
-def expires_at(consumer: Any) -> int | None:
-    """When the socket's Clerk token expires (unix seconds), for ``ready``; None for other credentials."""
+def expiry(consumer: Any) -> dict[str, int | None]:
+    """For ``ready``: when the socket's Clerk token expires (``expires_at``, unix seconds, and
+    ``expires_in``, seconds from now, for clients whose clock is off); None for other credentials."""
     credentials = consumer.credentials
-    return int(credentials.expires_at) if credentials is not None and credentials.expires_at is not None else None
+    if credentials is None or credentials.expires_at is None:
+        return {"expires_at": None, "expires_in": None}
+    return {
+        "expires_at": int(credentials.expires_at),
+        "expires_in": max(0, round(credentials.expires_at - time.time())),
+    }
 
 
 async def end(consumer: Any, reason: str) -> None:
