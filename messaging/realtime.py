@@ -169,7 +169,8 @@ class Store(Protocol):
     async def online(self, user_ids: Iterable[int]) -> set[int]: ...
 
     async def process_beat(self) -> bool:
-        """Refresh this process's heartbeat entry. True if it had expired (this process was taken for gone)."""
+        """Refresh this process's heartbeat entry. True if it was missing or expired: this process
+        was (or could have been) taken for gone, by a stall of its own or a Redis outage."""
 
     async def expire_gone_processes(self) -> list[int]:
         """Drop the connections of processes whose heartbeat expired; the users who went offline."""
@@ -364,7 +365,12 @@ class RedisStore:
         return {uid for uid, on in zip(ids, found, strict=True) if int(on)}
 
     async def process_beat(self) -> bool:
-        return bool(await self.client.zadd(_PROCS, {process_id(): time.time() + process_ttl_seconds()}))
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zscore(_PROCS, process_id())
+        pipe.zadd(_PROCS, {process_id(): now + process_ttl_seconds()})
+        previous, _ = await pipe.execute()
+        return previous is None or float(previous) <= now
 
     async def expire_gone_processes(self) -> list[int]:
         gone = await self._sweep(keys=[_CONNS, _PROCS], args=[time.time(), f"{_CONNS}:", "1"])
@@ -697,21 +703,26 @@ class Beats:
 
     async def tick(self, *, sockets: bool = True) -> None:
         """A process beat; with ``sockets`` (or when this process had been taken for gone), a socket beat too."""
+        reachable = True
         try:
             taken_for_gone = await store().process_beat()
         except Exception:
             stop_if_cancelled()
             logger.debug("process beat failed (Redis down?)", exc_info=True)
-            taken_for_gone = False
+            reachable = taken_for_gone = False
         if sockets or taken_for_gone:
             self._sockets_beat_at = time.monotonic()
-            await self.sockets_beat()
+            await self.sockets_beat()  # puts back connections a sweep removed meanwhile
         for hook in self.hooks:
             try:
                 await hook(self._sockets())
             except Exception:
                 stop_if_cancelled()
                 logger.warning("process beat check %s failed", getattr(hook, "__name__", hook), exc_info=True)
+        if taken_for_gone or not reachable:
+            # Taken for gone: most likely Redis was away (or this process stalled), so the other
+            # processes' entries expired too and they have not beaten since. Judge them next beat.
+            return
         try:
             gone = await store().expire_gone_processes()
             for user_id in gone:
