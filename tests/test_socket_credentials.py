@@ -43,7 +43,7 @@ from tests.test_realtime_protocol import WAIT, Closed, Socket
 from threads.models import Thread
 from threads.services import thread_create
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.smoke]
 
 db = realtime.db
 
