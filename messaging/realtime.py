@@ -552,6 +552,7 @@ class Health:
         self.listeners: weakref.WeakSet[Any] = weakref.WeakSet()
         self._task: asyncio.Task[None] | None = None
         self._epoch: str | None = None
+        self.recovered_at = -math.inf  # monotonic time Redis was last found back
 
     def watch(self, listener: Any) -> None:
         """Register a listener (the hub: it has ``layer_recovered()``) and start the watcher if needed."""
@@ -580,6 +581,7 @@ class Health:
         recovered = not self.up or (self._epoch is not None and epoch != self._epoch)
         self.up, self._epoch = True, epoch
         if recovered:
+            self.recovered_at = time.monotonic()
             logger.warning("Redis is back; re-joining groups and catching up %d sockets", len(self.listeners))
             for listener in list(self.listeners):
                 listener.layer_recovered()
@@ -719,9 +721,9 @@ class Beats:
             except Exception:
                 stop_if_cancelled()
                 logger.warning("process beat check %s failed", getattr(hook, "__name__", hook), exc_info=True)
-        if taken_for_gone or not reachable:
-            # Taken for gone: most likely Redis was away (or this process stalled), so the other
-            # processes' entries expired too and they have not beaten since. Judge them next beat.
+        if taken_for_gone or not reachable or time.monotonic() - health.recovered_at < process_ttl_seconds():
+            # Redis was away (or this process stalled): the other processes' heartbeat entries
+            # expired too, and they may not have beaten since. Judge them once they have had a TTL.
             return
         try:
             gone = await store().expire_gone_processes()
