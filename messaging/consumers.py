@@ -31,13 +31,12 @@ from channels.utils import await_many_dispatch
 from django.conf import settings
 from rest_framework import serializers
 
-from accounts.ws_auth import SocketCredentials
+import messaging.credentials as auth
 from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics
 from chatapp.api import IntField, TextField
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
-from messaging import credentials as auth
 from messaging import realtime, services, wire
 from messaging.hub import Hub, hub
 from messaging.realtime import db
@@ -171,7 +170,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.user: Any = None
         self.user_id = 0
-        self.credentials: SocketCredentials | None = None  # what opened it (messaging/credentials.py)
+        self.credentials: auth.SocketCredentials | None = None  # what opened it (messaging/credentials.py)
         self.expiry_timer: asyncio.TimerHandle | None = None  # closes it when its Clerk token expires
         self.conn_id = uuid.uuid4().hex
         self.accepted = False
