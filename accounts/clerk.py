@@ -24,6 +24,8 @@ import jwt
 from django.conf import settings
 from django.core.cache import cache
 
+from chatapp import metrics
+
 if TYPE_CHECKING:
     from accounts.models import User
 
@@ -48,13 +50,19 @@ JWKS_REFETCH_SECONDS = 60
 # Revoked session ids are refused for this long (Clerk session tokens live about a minute).
 REVOKED_SESSION_TTL = 24 * 60 * 60
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# The ``cat`` header Clerk stamps on what its instance key signs (values kept in sync with Clerk's
+# backend SDK, packages/backend/src/tokens/jwtCategories.ts): a session token, or "no class" on
+# instances that opted out. Any other category (a JWT-template token, a machine token) is not a
+# session token, and Clerk's ``authenticateRequest`` treats it as signed out; so do we. Tokens
+# minted before categories existed have no ``cat`` and are judged as before.
+SESSION_TOKEN_CATEGORIES = frozenset({"cl_B7d4PD111AAA", "cl_I7d4PD111III"})
 
 
 class ClerkTokenError(Exception):
     """A token that must not authenticate anyone.
 
     ``reason`` is a short code (``token_invalid``, ``token_expired``, ``session_revoked``,
-    ``user_inactive``) reported to the socket consumer as ``scope["auth_error"]``; ``user`` is the
+    ``session_pending``, ``user_inactive``) reported to the socket consumer as ``scope["auth_error"]``; ``user`` is the
     local user when the token itself was valid but the user may not sign in.
     """
 
@@ -68,6 +76,7 @@ class ClerkTokenError(Exception):
 TOKEN_INVALID = "token_invalid"  # noqa: S105 - a reason code, not a secret
 TOKEN_EXPIRED = "token_expired"  # noqa: S105 - a reason code, not a secret
 SESSION_REVOKED = "session_revoked"
+SESSION_PENDING = "session_pending"
 USER_INACTIVE = "user_inactive"
 
 
@@ -253,12 +262,28 @@ def revoked_session_key(session_id: str) -> str:
 
 
 def session_is_revoked(session_id: str) -> bool:
+    return session_id in revoked_sessions([session_id])
+
+
+def revoked_sessions(session_ids: list[str]) -> set[str]:
+    """Which of these Clerk sessions were revoked (one cache round trip for all of them).
+
+    Fails open, deliberately (docs/auth.md, "When the revocation store cannot be read"): a
+    revoked session's token stays usable for at most its own lifetime (about a minute; Clerk
+    mints no new one for it), and a socket opened with it closes when that token expires
+    unless re-authenticated with a fresh one, which Clerk no longer issues. Failing closed would
+    sign every Clerk user out whenever Redis blinks.
+    """
+    if not session_ids:
+        return set()
+    keys = {revoked_session_key(sid): sid for sid in session_ids}
     try:
-        return bool(cache.get(revoked_session_key(session_id)))
+        found = cache.get_many(list(keys))
     except Exception:
-        # Tokens live about a minute; refusing everyone because the cache blinked would be worse.
+        metrics.revocation_check_errors.inc()
         logger.warning("revoked-session check unavailable (cache error); allowing", exc_info=True)
-        return False
+        return set()
+    return {keys[key] for key, value in found.items() if value}
 
 
 # --- Verification ------------------------------------------------------------------------------
@@ -269,7 +294,8 @@ def verify_session_token(token: str) -> dict[str, Any]:
 
     RS256 only, signed by a key of the configured JWKS; ``exp``, ``nbf``, ``iat``, ``sub`` and
     ``sid`` required; ``iss`` equal to ``CLERK_ISSUER``; ``azp`` in ``CLERK_AUTHORIZED_PARTIES``
-    when that list is set; the session not revoked.
+    when that list is set; no ``cat`` header but a session token's; the session active (``sts``)
+    and not revoked.
     """
     if not clerk_enabled():
         raise _invalid("Clerk is not configured")
@@ -281,6 +307,8 @@ def verify_session_token(token: str) -> dict[str, Any]:
         raise _invalid("malformed token") from None
     if header.get("alg") != ALGORITHM:
         raise _invalid(f"alg {str(header.get('alg'))[:16]!r}")
+    if "cat" in header and header["cat"] not in SESSION_TOKEN_CATEGORIES:
+        raise _invalid(f"not a session token (cat {str(header['cat'])[:32]!r})")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise _invalid("no kid")
@@ -305,6 +333,10 @@ def verify_session_token(token: str) -> dict[str, Any]:
     parties = list(settings.CLERK_AUTHORIZED_PARTIES)
     if parties and claims.get("azp") not in parties:
         raise _invalid(f"azp {str(claims.get('azp'))[:100]!r} not authorized")
+    if claims.get("sts", "active") != "active":
+        # A pending session (v2 tokens: ``sts: "pending"``) has tasks to finish before it may be
+        # used: choosing an organization, resetting a password. Clerk's SDKs treat it as signed out.
+        raise ClerkTokenError(SESSION_PENDING, "The session has tasks to finish before it can be used.")
     if session_is_revoked(claims["sid"]):
         raise ClerkTokenError(SESSION_REVOKED, "The session has been signed out.")
     return claims

@@ -185,6 +185,8 @@ def user_reactivate(*, actor: User | None, user: User) -> User:
 
 CLERK_USER_EVENTS = frozenset({"user.created", "user.updated", "user.deleted"})
 CLERK_SESSION_END_EVENTS = frozenset({"session.revoked", "session.ended", "session.removed"})
+# The deactivation reason of a user banned in Clerk (``banned: true`` in user.updated).
+CLERK_BAN_REASON = "clerk user banned"
 # ``clerk_updated_at`` of a user deleted in Clerk: newer than any update, so no late webhook revives them.
 CLERK_DELETED_MARK = 2**63 - 1
 
@@ -306,6 +308,8 @@ def user_sync_from_clerk(*, data: dict[str, Any], event_type: str) -> tuple[User
     An update older than the one stored (Clerk's ``updated_at``, ms) is ignored. ``public_metadata.role``
     (OWNER/ADMIN/MEMBER) sets the system role. ``user.deleted`` deactivates and anonymises the user
     (messages stay; broadcasts ``user.deactivated``) and marks them so no later webhook revives them.
+    ``banned: true`` deactivates the user (their sockets close with 4403, their tokens are refused);
+    ``banned: false`` reactivates them if that ban was their latest deactivation.
     Broadcasts ``user.updated`` to the user's group after a change.
     """
     clerk_id = data.get("id")
@@ -343,9 +347,25 @@ def user_sync_from_clerk(*, data: dict[str, Any], event_type: str) -> tuple[User
     role = metadata.get("role") if isinstance(metadata, dict) else None
     if isinstance(role, str) and role.upper() in SystemRole.values and role.upper() != user.system_role:
         user_set_system_role(actor=None, user=user, role=role.upper())
+    banned = data.get("banned")
+    if banned is True and user.is_active:
+        user_deactivate(actor=None, user=user, reason=CLERK_BAN_REASON)
+    elif banned is False and not user.is_active and _deactivated_by_clerk_ban(user):
+        user_reactivate(actor=None, user=user)
     invalidate_on_commit("user", [user.pk])
     user_event_on_commit(user_id=user.pk, type="user.updated", data={"id": user.pk, "name": user.name})
     return user, True
+
+
+def _deactivated_by_clerk_ban(user: User) -> bool:
+    """Whether the user's latest deactivation was a Clerk ban (an unban undoes only that one)."""
+    latest = (
+        AuditEntry.objects.filter(action="user.deactivate", target_type="User", target_id=str(user.pk))
+        .order_by("-created_at", "-id")
+        .values_list("data", flat=True)
+        .first()
+    )
+    return isinstance(latest, dict) and latest.get("reason") == CLERK_BAN_REASON
 
 
 def _user_delete_from_clerk(*, clerk_id: str, user: User | None) -> tuple[User, bool]:
@@ -384,10 +404,26 @@ def local_session_id(session_key: str) -> str:
     return "local_" + hashlib.sha256(session_key.encode()).hexdigest()[:24]
 
 
+def api_token_session_id(key: str) -> str:
+    """The public id of what an API token opened (a socket): a digest, never the key itself."""
+    return "token_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def api_token_deleted(*, user_id: int, key: str) -> None:
+    """An API token is gone (revoked, a new password, a deactivation, the admin): the sockets opened
+    with it close (``session.revoked`` naming :func:`api_token_session_id`, after commit).
+
+    Connected to the token's ``post_delete`` in :mod:`accounts.apps`, so every way of deleting one
+    announces it.
+    """
+    user_event_on_commit(user_id=user_id, type="session.revoked", data={"session_id": api_token_session_id(key)})
+
+
 def user_password_changed(*, user: User) -> None:
-    """A new password ends what the old one opened: API tokens are deleted, and sockets signed in
-    with a session close (``user.password_changed``; Django already refuses those sessions on their
-    next request, their hash no longer matches). Sockets signed in through Clerk are not affected."""
+    """A new password ends what the old one opened: API tokens are deleted (their sockets close:
+    :func:`api_token_deleted`), and sockets signed in with a session close (``user.password_changed``;
+    Django already refuses those sessions on their next request, their hash no longer matches).
+    Sockets signed in through Clerk are not affected."""
     from rest_framework.authtoken.models import Token
 
     Token.objects.filter(user=user).delete()

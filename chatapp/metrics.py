@@ -44,6 +44,10 @@ fanout_latency = Histogram(
 ratelimit_refusals = Counter("chatapp_ratelimit_refusals_total", "Requests refused by a rate limit", ["scope"])
 ratelimit_errors = Counter("chatapp_ratelimit_errors_total", "Rate-limit checks that failed open (cache errors)")
 channel_layer_errors = Counter("chatapp_channel_layer_errors_total", "Channel-layer sends that failed")
+revocation_check_errors = Counter(
+    "chatapp_revocation_check_errors_total",
+    "Revoked-session checks that could not read the cache and allowed the token (fail-open)",
+)
 socket_writes_buffered = Counter(
     "chatapp_socket_writes_buffered_total",
     "Event frames the kernel did not take whole (a slow or stalled client): the rest waits in the server",

@@ -322,6 +322,9 @@ CHAT_COMPRESS_OVER_BYTES = 10 * 1024
 CHAT_SENDS_PER_MINUTE = env_int("CHATAPP_SENDS_PER_MINUTE", 60)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHATAPP_MAX_CONNECTIONS_PER_USER", 5)
 CHAT_HEARTBEAT_SECONDS = env_int("CHATAPP_HEARTBEAT_SECONDS", 30)
+# A server process counts as gone (its connections stop counting toward the limit, its users go
+# offline) this long after its last process beat; it beats every third of it (docs/realtime.md).
+CHAT_PROCESS_TTL_SECONDS = env_int("CHATAPP_PROCESS_TTL_SECONDS", 12)
 CHAT_IDLE_TIMEOUT_SECONDS = env_int("CHATAPP_IDLE_TIMEOUT_SECONDS", 120)
 # Proxies in front of daphne (chatapp/proxy.py): the client's address is the X-Forwarded-For entry
 # this many from the right, its scheme X-Forwarded-Proto; with 0 both headers are ignored.

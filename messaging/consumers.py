@@ -31,6 +31,7 @@ from channels.utils import await_many_dispatch
 from django.conf import settings
 from rest_framework import serializers
 
+import messaging.credentials as auth
 from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics
 from chatapp.api import IntField, TextField
@@ -162,12 +163,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         "typing.stop": "frame_typing_stop",
         "read": "frame_read",
         "delivered": "frame_delivered",
+        "auth": "frame_auth",
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.user: Any = None
         self.user_id = 0
+        self.credentials: auth.SocketCredentials | None = None  # what opened it (messaging/credentials.py)
+        self.expiry_timer: asyncio.TimerHandle | None = None  # closes it when its Clerk token expires
         self.conn_id = uuid.uuid4().hex
         self.accepted = False
         self.counted = False
@@ -274,6 +278,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)  # before accept: the handshake is refused
             raise StopConsumer()
         self.user, self.user_id = user, int(user.pk)
+        auth.adopt(self)
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in self.scope.get("subprotocols", []) else None
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         self.compress = COMPRESSION in query.get("compress", [])
@@ -304,6 +309,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.warning("group_add failed; will re-join when Redis is back", exc_info=True)
             self.hub.join_later(user_group(self.user_id), self)
             realtime.health.report_failure()
+        if not await auth.recheck(self):  # revoked between the handshake and the join: no notice came
+            return
         if settings.REDIS_URL:
             realtime.health.watch(self.hub)
         await self.send_frame(
@@ -316,6 +323,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     "idle_timeout": settings.CHAT_IDLE_TIMEOUT_SECONDS,
                     "max_frame_bytes": realtime.MAX_FRAME_BYTES,
                     "compress": COMPRESSION if self.compress else None,
+                    **auth.expiry(self),
                 },
             }
         )
@@ -325,6 +333,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         raise StopConsumer()
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        if not self.closing:  # closed (its credentials ended, ...): frames still in flight do nothing
+            await super().websocket_receive(message)
 
     async def _cleanup(self) -> None:
         """Runs once however the consumer ends: client close, our close, cancellation at shutdown."""
@@ -445,6 +457,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def frame_pong(self, frame: dict[str, Any], request_id: Any) -> None:
         """The answer to our ping: hearing it is all that matters."""
+
+    async def frame_auth(self, frame: dict[str, Any], request_id: Any) -> None:
+        await auth.frame_auth(self, frame, request_id)
 
     async def frame_subscribe(self, frame: dict[str, Any], request_id: Any) -> None:
         data = parse(SubscribeFrame, frame)

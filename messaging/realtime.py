@@ -7,11 +7,16 @@ to the database; presence reads a user's threads and a thread's members.
 
 Redis keys (prefix ``<CHATAPP_CHANNEL_PREFIX>:rt:``, ``chatapp:rt:`` by default):
 
-- ``conns:<user_id>`` sorted set: connection id -> expiry (epoch seconds), refreshed by heartbeats.
-  A user is online while one entry has not expired; the connection limit counts live entries.
-- ``conns`` sorted set: ``<user_id>:<connection id>`` -> expiry, so the scheduler
-  (:func:`presence_expire_stale`) finds the connections of a process that died without closing
-  them and announces those users offline.
+- ``procs`` sorted set: process id -> expiry (epoch seconds): each server process's heartbeat
+  entry, refreshed every process beat (``CHAT_PROCESS_TTL_SECONDS`` / 3). A process whose entry
+  has expired is gone (``kill -9``, a lost host): its connections stop counting at once.
+- ``conns:<user_id>`` sorted set: ``<process id>|<connection id>`` -> expiry (epoch seconds),
+  refreshed by heartbeats. A connection is live while its entry has not expired and its process's
+  entry has not; a user is online while one connection is live; the connection limit counts
+  live connections (the entries of gone processes are dropped when the limit is counted).
+- ``conns`` sorted set: ``<user_id>:<process id>|<connection id>`` -> expiry, so the process
+  beats and the scheduler (:func:`presence_expire_stale`) find the connections of a process that
+  died without closing them and announce those users offline.
 - ``typing:<thread_id>:<user_id>``: time of the last typing broadcast (expires with the indicator).
 - ``epoch``: a token that disappears when Redis loses its data (restart, flush); a process that
   sees it change re-joins its channel-layer groups and catches its sockets up from the log.
@@ -25,6 +30,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -70,6 +76,29 @@ def idle_timeout_seconds() -> float:
 def presence_ttl_seconds() -> float:
     """How long a connection counts without a heartbeat: two missed beats and a margin."""
     return 2 * heartbeat_seconds() + 5
+
+
+def process_ttl_seconds() -> float:
+    """How long a process counts as alive after its last beat (``CHATAPP_PROCESS_TTL_SECONDS``)."""
+    return float(settings.CHAT_PROCESS_TTL_SECONDS)
+
+
+def process_beat_seconds() -> float:
+    """How often a process refreshes its heartbeat entry and re-checks its sockets' credentials."""
+    return process_ttl_seconds() / 3
+
+
+_process: tuple[int, str] | None = None
+
+
+def process_id() -> str:
+    """This server process's id in the presence store: host, pid and a random part (made per pid,
+    so a forked child never shares its parent's)."""
+    global _process
+    if _process is None or _process[0] != os.getpid():
+        host = "".join(ch for ch in socket.gethostname() if ch.isalnum() or ch in "-.")[:64] or "host"
+        _process = (os.getpid(), f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    return _process[1]
 
 
 def stop_if_cancelled() -> None:
@@ -139,6 +168,13 @@ class Store(Protocol):
 
     async def online(self, user_ids: Iterable[int]) -> set[int]: ...
 
+    async def process_beat(self) -> bool:
+        """Refresh this process's heartbeat entry. True if it was missing or expired: this process
+        was (or could have been) taken for gone, by a stall of its own or a Redis outage."""
+
+    async def expire_gone_processes(self) -> list[int]:
+        """Drop the connections of processes whose heartbeat expired; the users who went offline."""
+
     async def typing_start(self, *, thread_id: int, user_id: int) -> bool:
         """Whether to broadcast this typing.start (at most one per TYPING_THROTTLE_SECONDS)."""
 
@@ -148,47 +184,117 @@ class Store(Protocol):
     async def epoch(self) -> str: ...
 
 
-_OPEN = """
-local key, all = KEYS[1], KEYS[2]
+# A connection entry counts while it has not expired and its process's heartbeat entry has not
+# (entries without a process part, written before processes had one, count by their expiry alone).
+_LIVE = """
+local function live(procs, entry, now)
+  local sep = string.find(entry, '|', 1, true)
+  if not sep then return true end
+  local alive = redis.call('ZSCORE', procs, string.sub(entry, 1, sep - 1))
+  return alive ~= false and tonumber(alive) > now
+end
+"""
+
+_OPEN = (
+    _LIVE
+    + """
+local key, all, procs = KEYS[1], KEYS[2], KEYS[3]
 local now, expires, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local conn, uid, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local member, uid, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+redis.call('ZADD', procs, ARGV[8], ARGV[7])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-local present = redis.call('ZSCORE', key, conn)
+for _, entry in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+  if not live(procs, entry, now) then
+    redis.call('ZREM', key, entry)
+    redis.call('ZREM', all, uid .. ':' .. entry)
+  end
+end
+local present = redis.call('ZSCORE', key, member)
 local n = redis.call('ZCARD', key)
 if not present and n >= limit then return -1 end
-redis.call('ZADD', key, expires, conn)
+redis.call('ZADD', key, expires, member)
 redis.call('EXPIRE', key, ttl)
-redis.call('ZADD', all, expires, uid .. ':' .. conn)
+redis.call('ZADD', all, expires, uid .. ':' .. member)
 if not present and n == 0 then return 2 end
 return 1
 """
+)
 
-_CLOSE = """
-local key, all = KEYS[1], KEYS[2]
-local now, conn, uid = ARGV[1], ARGV[2], ARGV[3]
-redis.call('ZREM', all, uid .. ':' .. conn)
-if redis.call('ZREM', key, conn) == 0 then return 0 end
-if redis.call('ZCOUNT', key, now, '+inf') == 0 then return 1 end
-return 0
+_CLOSE = (
+    _LIVE
+    + """
+local key, all, procs = KEYS[1], KEYS[2], KEYS[3]
+local now, member, uid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+redis.call('ZREM', all, uid .. ':' .. member)
+if redis.call('ZREM', key, member) == 0 then return 0 end
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', key, now, '+inf')) do
+  if live(procs, entry, now) then return 0 end
+end
+return 1
 """
+)
 
-_SWEEP = """
+_ONLINE = (
+    _LIVE
+    + """
+local now = tonumber(ARGV[1])
+local found = {}
+for i = 2, #KEYS do
+  local on = 0
+  for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], now, '+inf')) do
+    if live(KEYS[1], entry, now) then on = 1 break end
+  end
+  found[i - 1] = on
+end
+return found
+"""
+)
+
+# Expired connections (unless ARGV[3] is "1": only those of gone processes), and every connection
+# of a process whose heartbeat expired (one pass over all entries, once per process that died).
+_SWEEP = (
+    _LIVE
+    + """
+local all, procs = KEYS[1], KEYS[2]
 local now, prefix = tonumber(ARGV[1]), ARGV[2]
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
-local gone = {}
-for _, entry in ipairs(expired) do
-  redis.call('ZREM', KEYS[1], entry)
+local candidates = {}
+if ARGV[3] ~= '1' then
+  candidates = redis.call('ZRANGEBYSCORE', all, '-inf', now, 'LIMIT', 0, 1000)
+end
+local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', now)
+if #dead > 0 then
+  local gone_procs = {}
+  for _, proc in ipairs(dead) do gone_procs[proc] = true end
+  for _, entry in ipairs(redis.call('ZRANGE', all, 0, -1)) do
+    local colon, bar = string.find(entry, ':', 1, true), string.find(entry, '|', 1, true)
+    if colon and bar and gone_procs[string.sub(entry, colon + 1, bar - 1)] then
+      table.insert(candidates, entry)
+    end
+  end
+  redis.call('ZREM', procs, unpack(dead))
+end
+local gone, seen = {}, {}
+for _, entry in ipairs(candidates) do
+  redis.call('ZREM', all, entry)
   local sep = string.find(entry, ':', 1, true)
-  local uid, conn = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+  local uid, member = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
   local key = prefix .. uid
-  local score = redis.call('ZSCORE', key, conn)
-  if score and tonumber(score) <= now then
-    redis.call('ZREM', key, conn)
-    if redis.call('ZCOUNT', key, now, '+inf') == 0 then table.insert(gone, uid) end
+  local score = redis.call('ZSCORE', key, member)
+  if score and (tonumber(score) <= now or not live(procs, member, now)) then
+    redis.call('ZREM', key, member)
+    local online = false
+    for _, other in ipairs(redis.call('ZRANGEBYSCORE', key, now, '+inf')) do
+      if live(procs, other, now) then online = true break end
+    end
+    if not online and not seen[uid] then
+      seen[uid] = true
+      table.insert(gone, uid)
+    end
   end
 end
 return gone
 """
+)
 
 _TYPING = """
 local last = redis.call('GET', KEYS[1])
@@ -198,6 +304,7 @@ return 1
 """
 
 _CONNS = f"{KEY_PREFIX}conns"
+_PROCS = f"{KEY_PREFIX}procs"
 # Fail fast: a slow answer here delays a handshake or a heartbeat, never a message.
 _REDIS_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 1, "socket_timeout": 2}
 
@@ -211,40 +318,63 @@ class RedisStore:
         self.client = aioredis.Redis.from_url(url, **_REDIS_OPTIONS)
         self._open = self.client.register_script(_OPEN)
         self._close = self.client.register_script(_CLOSE)
+        self._online = self.client.register_script(_ONLINE)
+        self._sweep = self.client.register_script(_SWEEP)
         self._typing = self.client.register_script(_TYPING)
 
-    async def connection_open(self, *, user_id: int, conn_id: str, limit: int) -> tuple[bool, bool]:
+    @staticmethod
+    def _open_args(user_id: int, conn_id: str, limit: int) -> tuple[list[str], list[float | str]]:
         now = time.time()
         ttl = presence_ttl_seconds()
-        args: list[float | str] = [now, now + ttl, limit, conn_id, user_id, math.ceil(ttl)]
-        result = int(await self._open(keys=[f"{_CONNS}:{user_id}", _CONNS], args=args))
+        args: list[float | str] = [
+            now,
+            now + ttl,
+            limit,
+            f"{process_id()}|{conn_id}",
+            user_id,
+            math.ceil(ttl),
+            process_id(),
+            now + process_ttl_seconds(),
+        ]
+        return [f"{_CONNS}:{user_id}", _CONNS, _PROCS], args
+
+    async def connection_open(self, *, user_id: int, conn_id: str, limit: int) -> tuple[bool, bool]:
+        keys, args = self._open_args(user_id, conn_id, limit)
+        result = int(await self._open(keys=keys, args=args))
         return result >= 0, result == 2
 
     async def connection_close(self, *, user_id: int, conn_id: str) -> bool:
-        return bool(await self._close(keys=[f"{_CONNS}:{user_id}", _CONNS], args=[time.time(), conn_id, user_id]))
+        keys = [f"{_CONNS}:{user_id}", _CONNS, _PROCS]
+        return bool(await self._close(keys=keys, args=[time.time(), f"{process_id()}|{conn_id}", user_id]))
 
     async def connections_refresh(self, entries: list[tuple[int, str]]) -> list[bool]:
         """Keep many connections counted in one round trip; True where the store had lost the user."""
         if not entries:
             return []
-        now = time.time()
-        ttl = presence_ttl_seconds()
         pipe = self.client.pipeline(transaction=False)
         for user_id, conn_id in entries:
-            args: list[float | str] = [now, now + ttl, 1 << 30, conn_id, user_id, math.ceil(ttl)]
-            await self._open(keys=[f"{_CONNS}:{user_id}", _CONNS], args=args, client=pipe)
+            keys, args = self._open_args(user_id, conn_id, 1 << 30)
+            await self._open(keys=keys, args=args, client=pipe)
         return [int(result) == 2 for result in await pipe.execute()]
 
     async def online(self, user_ids: Iterable[int]) -> set[int]:
         ids = list(user_ids)
         if not ids:
             return set()
+        found = await self._online(keys=[_PROCS, *(f"{_CONNS}:{uid}" for uid in ids)], args=[time.time()])
+        return {uid for uid, on in zip(ids, found, strict=True) if int(on)}
+
+    async def process_beat(self) -> bool:
         now = time.time()
         pipe = self.client.pipeline(transaction=False)
-        for uid in ids:
-            pipe.zcount(f"{_CONNS}:{uid}", now, "+inf")
-        counts = await pipe.execute()
-        return {uid for uid, count in zip(ids, counts, strict=True) if count}
+        pipe.zscore(_PROCS, process_id())
+        pipe.zadd(_PROCS, {process_id(): now + process_ttl_seconds()})
+        previous, _ = await pipe.execute()
+        return previous is None or float(previous) <= now
+
+    async def expire_gone_processes(self) -> list[int]:
+        gone = await self._sweep(keys=[_CONNS, _PROCS], args=[time.time(), f"{_CONNS}:", "1"])
+        return sorted({int(uid) for uid in gone})
 
     async def typing_start(self, *, thread_id: int, user_id: int) -> bool:
         key = f"{KEY_PREFIX}typing:{thread_id}:{user_id}"
@@ -295,6 +425,12 @@ class MemoryStore:
         now = time.time()
         return {uid for uid in user_ids if self._live(uid, now)}
 
+    async def process_beat(self) -> bool:
+        return False  # one process: it is never taken for gone
+
+    async def expire_gone_processes(self) -> list[int]:
+        return []
+
     def sweep(self) -> list[int]:
         now = time.time()
         gone = [uid for uid, conns in self.conns.items() if conns and not self._live(uid, now)]
@@ -342,17 +478,20 @@ def presence_event(thread_id: int, users: dict[int, bool]) -> dict[str, Any]:
 
 
 def presence_expire_stale() -> int:
-    """Drop the connections of processes that died without closing them; announce who went offline.
+    """Drop expired connections and those of processes that died without closing them; announce
+    who went offline.
 
-    Run by the scheduler (``settings.PRESENCE_EXPIRE_FUNCTION``, every ~30 s). The sweep is one
-    Lua script, so several runners never announce the same user twice. Returns how many users.
+    Run by the scheduler (``settings.PRESENCE_EXPIRE_FUNCTION``, every ~30 s); every process beat
+    also drops the connections of gone processes (:meth:`Beats.tick`). The sweep is one Lua
+    script, so several runners never announce the same user twice. Returns how many users.
     """
     if settings.REDIS_URL:
         import redis
 
         client = redis.Redis.from_url(settings.REDIS_URL, **_REDIS_OPTIONS)
         try:
-            gone = sorted({int(uid) for uid in client.eval(_SWEEP, 1, _CONNS, time.time(), f"{_CONNS}:")})
+            found = client.eval(_SWEEP, 2, _CONNS, _PROCS, time.time(), f"{_CONNS}:", "0")
+            gone = sorted({int(uid) for uid in found})
         finally:
             client.close()
     else:
@@ -413,6 +552,7 @@ class Health:
         self.listeners: weakref.WeakSet[Any] = weakref.WeakSet()
         self._task: asyncio.Task[None] | None = None
         self._epoch: str | None = None
+        self.recovered_at = -math.inf  # monotonic time Redis was last found back
 
     def watch(self, listener: Any) -> None:
         """Register a listener (the hub: it has ``layer_recovered()``) and start the watcher if needed."""
@@ -441,6 +581,7 @@ class Health:
         recovered = not self.up or (self._epoch is not None and epoch != self._epoch)
         self.up, self._epoch = True, epoch
         if recovered:
+            self.recovered_at = time.monotonic()
             logger.warning("Redis is back; re-joining groups and catching up %d sockets", len(self.listeners))
             for listener in list(self.listeners):
                 listener.layer_recovered()
@@ -519,18 +660,29 @@ class ReceiptBatcher:
 live: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-class Beats:
-    """One task per process (not one per socket) for the heartbeat of every open socket.
+def socket_beat_seconds() -> float:
+    return min(heartbeat_seconds(), idle_timeout_seconds() / 4)
 
-    Each tick (every ``min(heartbeat, idle timeout / 4)`` seconds) asks each consumer to ``beat()``:
-    ping it if it has been quiet for a heartbeat, close it if silent for the idle timeout. Then it
-    catches up sockets whose thread's newest event never reached them (:meth:`catch_up`), refreshes
-    every remaining connection's presence entry in one Redis round trip, and announces anyone the
-    store had lost (Redis restarted) as online again.
+
+class Beats:
+    """One task per process (not one per socket) for the heartbeat of the process and its sockets.
+
+    Every process beat (``CHAT_PROCESS_TTL_SECONDS`` / 3, 4 s by default) it refreshes the
+    process's heartbeat entry in the store, runs the registered :attr:`hooks` with the open
+    sockets (the credential re-check of :mod:`messaging.credentials`), and drops the connections
+    of processes whose heartbeat expired, announcing their users offline.
+
+    Every socket beat (``min(heartbeat, idle timeout / 4)`` seconds) it also asks each consumer to
+    ``beat()``: ping it if it has been quiet for a heartbeat, close it if silent for the idle
+    timeout. Then it catches up sockets whose thread's newest event never reached them
+    (:meth:`catch_up`), refreshes every remaining connection's presence entry in one Redis round
+    trip, and announces anyone the store had lost (Redis restarted) as online again.
     """
 
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
+        self._sockets_beat_at = 0.0  # monotonic
+        self.hooks: list[Callable[[list[Any]], Awaitable[None]]] = []
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -542,15 +694,46 @@ class Beats:
         return [c for c in list(live) if c.hub.loop is loop and c.counted and not c.closing]
 
     async def _run(self) -> None:
+        self._sockets_beat_at = time.monotonic()
         while self._sockets():
-            await asyncio.sleep(min(heartbeat_seconds(), idle_timeout_seconds() / 4))
+            await asyncio.sleep(min(socket_beat_seconds(), process_beat_seconds()))
             try:
-                await self.tick()
+                await self.tick(sockets=time.monotonic() - self._sockets_beat_at >= socket_beat_seconds())
             except Exception:
                 stop_if_cancelled()
                 logger.exception("heartbeat tick failed")
 
-    async def tick(self) -> None:
+    async def tick(self, *, sockets: bool = True) -> None:
+        """A process beat; with ``sockets`` (or when this process had been taken for gone), a socket beat too."""
+        reachable = True
+        try:
+            taken_for_gone = await store().process_beat()
+        except Exception:
+            stop_if_cancelled()
+            logger.debug("process beat failed (Redis down?)", exc_info=True)
+            reachable = taken_for_gone = False
+        if sockets or taken_for_gone:
+            self._sockets_beat_at = time.monotonic()
+            await self.sockets_beat()  # puts back connections a sweep removed meanwhile
+        for hook in self.hooks:
+            try:
+                await hook(self._sockets())
+            except Exception:
+                stop_if_cancelled()
+                logger.warning("process beat check %s failed", getattr(hook, "__name__", hook), exc_info=True)
+        if taken_for_gone or not reachable or time.monotonic() - health.recovered_at < process_ttl_seconds():
+            # Redis was away (or this process stalled): the other processes' heartbeat entries
+            # expired too, and they may not have beaten since. Judge them once they have had a TTL.
+            return
+        try:
+            gone = await store().expire_gone_processes()
+            for user_id in gone:
+                await presence_broadcast(user_id=user_id, online=False)
+        except Exception:
+            stop_if_cancelled()
+            logger.warning("dropping the connections of gone processes failed", exc_info=True)
+
+    async def sockets_beat(self) -> None:
         from messaging.hub import hub
 
         hub().maybe_rejoin()

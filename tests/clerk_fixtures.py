@@ -148,16 +148,17 @@ class ClerkEnv:
         kid: str | None = None,
         algorithm: str = "RS256",
         without: tuple[str, ...] = (),
+        headers: dict[str, Any] | None = None,
         **claims: Any,
     ) -> str:
-        """A session token as Clerk signs it; any claim can be overridden or left out (``without``).
+        """A session token as Clerk signs it; any claim can be overridden or left out (``without``),
+        and header fields added (``headers``, e.g. Clerk's ``cat``).
 
         Signed through PyJWS so claims PyJWT would refuse to encode (a non-string ``sub``) can be tested.
         """
         payload = json.dumps(self.claims(without, **claims), separators=(",", ":")).encode()
-        return jwt.api_jws.PyJWS().encode(
-            payload, key or self.key, algorithm=algorithm, headers={"kid": kid or self.kid, "typ": "JWT"}
-        )
+        header = {"kid": kid or self.kid, "typ": "JWT", **(headers or {})}
+        return jwt.api_jws.PyJWS().encode(payload, key or self.key, algorithm=algorithm, headers=header)
 
     def token_alg_none(self) -> str:
         return f"{b64json({'alg': 'none', 'typ': 'JWT', 'kid': self.kid})}.{b64json(self.claims())}."

@@ -17,6 +17,7 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from accounts.clerk import (
+    SESSION_PENDING,
     SESSION_REVOKED,
     TOKEN_EXPIRED,
     TOKEN_INVALID,
@@ -77,6 +78,11 @@ BAD_TOKENS: dict[str, tuple[Callable[[ClerkEnv], str], str]] = {
     "payload_swapped_after_signing": (lambda c: c.token_tampered(sub="user_victim"), TOKEN_INVALID),
     "not_a_jwt": (lambda c: "not.a.jwt", TOKEN_INVALID),
     "garbage": (lambda c: "x" * 40, TOKEN_INVALID),
+    # Signed by the instance's key but not session tokens: Clerk's SDKs treat these as signed out.
+    "jwt_template_category": (lambda c: c.token(headers={"cat": "cl_B7d4PD222AAA"}), TOKEN_INVALID),
+    "machine_token_category": (lambda c: c.token(headers={"cat": "cl_B7d4PD333AAA"}), TOKEN_INVALID),
+    "unknown_category": (lambda c: c.token(headers={"cat": "cl_future"}), TOKEN_INVALID),
+    "pending_session": (lambda c: c.token(sts="pending"), SESSION_PENDING),
 }
 
 
@@ -93,6 +99,36 @@ def test_verify_accepts_a_clerk_token(clerk: ClerkEnv) -> None:
 def test_verify_refuses_bad_token(clerk: ClerkEnv, name: str) -> None:
     make, reason = BAD_TOKENS[name]
     assert reason_of(make(clerk)) == reason
+
+
+@pytest.mark.smoke
+def test_verify_accepts_session_token_categories_and_active_sessions(clerk: ClerkEnv) -> None:
+    # Session tokens carry Clerk's session category, or its "no category" stamp on instances that
+    # opted out; an active session says so in ``sts`` (v2 tokens) or not at all (v1).
+    for cat in ("cl_B7d4PD111AAA", "cl_I7d4PD111III"):
+        assert verify_session_token(clerk.token(headers={"cat": cat}))
+    assert verify_session_token(clerk.token(sts="active"))
+
+
+def test_an_unreadable_revocation_store_fails_open_and_is_counted(clerk: ClerkEnv, settings: Any) -> None:
+    """The documented choice (docs/auth.md): a token is not refused because Redis cannot be read;
+    the failure is logged and counted."""
+    import socket
+
+    from chatapp import metrics
+
+    needs("redis")
+    token = clerk.token()
+    assert verify_session_token(token)  # the keys are now in this process's copy
+    cache.set(revoked_session_key("sess_2abcDEFghiJKLmno"), 1, 60)
+    assert reason_of(token) == SESSION_REVOKED
+    before = metrics.revocation_check_errors._value.get()
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))  # bound, never listening: every connection to it is refused
+        location = f"redis://127.0.0.1:{reserved.getsockname()[1]}/0"
+        settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": location}}
+        assert verify_session_token(token)["sid"] == "sess_2abcDEFghiJKLmno"
+    assert metrics.revocation_check_errors._value.get() == before + 1
 
 
 @pytest.mark.smoke
@@ -326,10 +362,14 @@ class ScopeRecorder:
 
 
 async def connect(
-    path: str = "/ws/", *, cookies: dict[str, str] | None = None, subprotocols: list[str] | None = None
+    path: str = "/ws/",
+    *,
+    cookies: dict[str, str] | None = None,
+    subprotocols: list[str] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[ScopeRecorder, bool, Any]:
     recorder = ScopeRecorder()
-    headers = [(b"origin", b"http://127.0.0.1")]
+    headers = [(b"origin", b"http://127.0.0.1"), *(headers or [])]
     if cookies:
         headers.append((b"cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()).encode()))
     communicator = WebsocketCommunicator(
@@ -428,3 +468,47 @@ async def test_socket_keeps_django_session_login(clerk: ClerkEnv) -> None:
     )
     assert connected
     assert recorder.scope["user"].pk == local.pk
+
+
+@pytest.mark.smoke
+@pytest.mark.django_db(transaction=True)
+async def test_socket_takes_an_api_token_from_the_subprotocol_or_the_header() -> None:
+    """Bots and programs: the REST API's token opens the socket too (and is never echoed back)."""
+    from channels.db import database_sync_to_async
+
+    from accounts.services import api_token_session_id, user_token_issue
+    from tests.factories import UserFactory
+
+    bot: User = await database_sync_to_async(UserFactory)(username="bot")  # type: ignore[assignment]
+    key = await database_sync_to_async(user_token_issue)(user=bot)
+    recorder, connected, subprotocol = await connect(subprotocols=[SUBPROTOCOL, f"token.{key}"])
+    assert (connected, subprotocol) == (True, SUBPROTOCOL)
+    assert recorder.scope["user"].pk == bot.pk
+    assert recorder.scope["auth_method"] == "token"
+    assert recorder.scope["auth_session_id"] == api_token_session_id(key)
+    assert key not in recorder.scope["auth_session_id"]
+    recorder, connected, _ = await connect(headers=[(b"authorization", f"Token {key}".encode())])
+    assert connected
+    assert recorder.scope["user"].pk == bot.pk
+
+
+@pytest.mark.smoke
+@pytest.mark.django_db(transaction=True)
+async def test_socket_refuses_a_bad_api_token_even_beside_a_valid_cookie() -> None:
+    from asgiref.sync import sync_to_async
+    from django.test import Client
+
+    from tests.factories import UserFactory
+
+    local: User = await sync_to_async(UserFactory)(username="local")  # type: ignore[assignment]
+    client = Client()
+    await sync_to_async(client.force_login)(local)
+    cookie = client.cookies["sessionid"].value
+    for kwargs in (
+        {"subprotocols": [SUBPROTOCOL, "token." + "0" * 40]},
+        {"headers": [(b"authorization", b"Token " + b"0" * 40)]},
+        {"subprotocols": [SUBPROTOCOL, "token." + "x" * 500]},
+    ):
+        recorder, connected, code = await connect(cookies={"sessionid": cookie}, **kwargs)  # type: ignore[arg-type]
+        assert (connected, code) == (False, 4401)
+        assert recorder.scope["auth_error"] == TOKEN_INVALID

@@ -168,6 +168,65 @@ def test_the_connection_limit_is_counted_across_processes(pair: list[ServerProce
     asyncio.run(scenario())
 
 
+def test_a_killed_process_stops_counting_as_soon_as_its_heartbeat_expires(
+    alice: User, bob: User, thread: Thread
+) -> None:
+    """``kill -9``: the process closes nothing and removes nothing. Its connections stop counting
+    toward the limit, and its users go offline, once its heartbeat entry in Redis expires (2 s
+    here), not when the connections' own entries would (2 heartbeats + 5 s: 65 s)."""
+    needs("postgres")
+    needs("redis")
+    killed, live = start_servers(2, **SERVER_ENV, CHATAPP_PROCESS_TTL_SECONDS="2")
+    cookies = session_cookie(alice), session_cookie(bob)
+    try:
+
+        async def scenario() -> None:
+            at_the_limit = [await Client.open(killed, cookies[0]) for _ in range(3)]  # CHATAPP_MAX_... = 3
+            watcher = await Client.open(live, cookies[1])
+            await watcher.request("subscribe", thread_id=thread.pk)
+            assert {"user_id": alice.pk, "online": True} in watcher.events("presence", thread.pk)[0]["data"]["users"]
+            await asyncio.to_thread(killed.kill)  # SIGKILL
+            gone = {"user_id": alice.pk, "online": False}
+            await watcher.wait_for(lambda f: f["type"] == "presence" and gone in f["data"]["users"], timeout=30)
+            # Her tabs reconnect to the live process: accepted, not refused with 4429 for a minute.
+            back = [await Client.open(live, cookies[0]) for _ in range(3)]
+            assert not any(client.closed for client in back)
+            for client in [*back, watcher]:
+                await client.close()
+            for client in at_the_limit:
+                await client.wait_closed(timeout=30)  # the connection died with its process
+
+        asyncio.run(scenario())
+    finally:
+        killed.close()
+        live.close()
+
+
+def test_a_revocation_nobody_announced_closes_the_users_sockets_on_every_process(
+    pair: list[ServerProcess], alice: User, bob: User
+) -> None:
+    """A deactivation written straight to the database (no signal, no notice: as if the layer lost
+    it) is found by each process's beat, which re-checks all its sockets' credentials in one batch."""
+    one, two = pair
+    cookies = session_cookie(alice), session_cookie(bob)
+
+    def deactivate_silently() -> None:
+        User.objects.filter(pk=alice.pk).update(is_active=False)
+
+    async def scenario() -> None:
+        hers = [await Client.open(one, cookies[0]), await Client.open(two, cookies[0])]
+        his = await Client.open(one, cookies[1])
+        await asyncio.to_thread(deactivate_silently)
+        for client in hers:
+            # The beat is every 4 s (CHATAPP_PROCESS_TTL_SECONDS / 3); the bound leaves room for a slow machine.
+            assert await client.wait_closed(timeout=30) == 4403
+            assert client.events("auth.ended")[0]["data"] == {"reason": "user_inactive"}
+        assert (await his.request("ping"))["type"] == "pong"
+        await his.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_killed_connection_resumes_with_exactly_the_missed_messages(
     pair: list[ServerProcess], alice: User, bob: User, thread: Thread
 ) -> None:

@@ -201,6 +201,35 @@ def test_session_end_refuses_that_sessions_tokens(
 
 
 @pytest.mark.smoke
+def test_a_clerk_ban_deactivates_and_an_unban_undoes_only_the_ban(
+    clerk: ClerkEnv, events: Callable[..., EventCapture], django_capture_on_commit_callbacks: Any
+) -> None:
+    from accounts.services import user_deactivate
+
+    def update(updated_at: int, **fields: Any) -> Any:
+        return deliver(clerk, clerk_event("user.updated", {**clerk_user_payload(updated_at=updated_at), **fields}))
+
+    user_event(clerk)
+    user = User.objects.get(clerk_id=CLERK_ID)
+    capture = events(user_group(user.pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert update(1_700_000_000_100, banned=True).json() == {"status": "processed"}
+    assert "user.deactivated" in [e["type"] for e in capture.receive_all()]  # their sockets close (4403)
+    user.refresh_from_db()
+    assert not user.is_active
+    assert APIClient().get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {clerk.token()}").status_code == 401
+    update(1_700_000_000_200, banned=False)
+    user.refresh_from_db()
+    assert user.is_active
+    assert APIClient().get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {clerk.token()}").status_code == 200
+    # A deactivation by staff is not Clerk's to undo.
+    user_deactivate(actor=None, user=user, reason="spam")
+    update(1_700_000_000_300, banned=False)
+    user.refresh_from_db()
+    assert not user.is_active
+
+
+@pytest.mark.smoke
 def test_unknown_event_type_is_acknowledged_and_ignored(clerk: ClerkEnv) -> None:
     response = deliver(clerk, clerk_event("organization.created", {"object": "organization", "id": "org_1"}))
     assert response.status_code == 200

@@ -154,6 +154,9 @@
       this.heartbeat = null;
       this.retryTimer = null;
       this.stableTimer = null;
+      this.authTimer = null; // renews a Clerk socket's token in-band before it expires
+      this.expiresAt = null; // when the token the socket holds expires (server's unix seconds)
+      this.authEnded = null; // why the server is closing it ("auth.ended"), if it said
       this.connected = false;
       this.stopped = false; // signed out or deactivated: no more reconnecting
       this.maxFrameBytes = DEFAULT_MAX_FRAME_BYTES;
@@ -185,6 +188,7 @@
       const ws = new WebSocket(scheme + "//" + location.host + config.ws_path, ["chatapp.v1"]);
       ws.binaryType = "arraybuffer";
       this.ws = ws;
+      this.authEnded = null;
       let opened = false;
       ws.addEventListener("open", () => {
         if (this.ws !== ws) return;
@@ -201,6 +205,14 @@
       });
       ws.addEventListener("message", (event) => {
         if (this.ws !== ws) return;
+        // Read at once, not in the inbox's turn: the close that follows it must know why.
+        if (typeof event.data === "string" && event.data.startsWith('{"type":"auth.ended"')) {
+          try {
+            this.authEnded = JSON.parse(event.data).data.reason;
+          } catch (_) {
+            this.authEnded = null;
+          }
+        }
         // Strictly in arrival order: a compressed frame takes a moment to inflate, and a smaller
         // event after it (a reaction to that very message) must not overtake it.
         this.inbox = this.inbox
@@ -213,9 +225,14 @@
         clearInterval(this.heartbeat);
         clearTimeout(this.stableTimer);
         this.stableTimer = null;
+        clearTimeout(this.authTimer);
+        this.authTimer = null;
         this.failRequests(event.code);
-        this.emit("close", event);
-        if (event.code === 4401 || event.code === 4403) {
+        // Only the token the socket held expired (it could not be renewed in time): the session may
+        // well go on (Clerk keeps the cookie fresh), so reconnect; a refused handshake says otherwise.
+        const expired = event.code === 4401 && this.authEnded === "token_expired";
+        this.emit("close", event, expired);
+        if ((event.code === 4401 || event.code === 4403) && !expired) {
           this.stop(); // signed out or deactivated: don't retry
           return;
         }
@@ -277,11 +294,51 @@
     onReady(frame) {
       const data = frame.data || {};
       if (data.max_frame_bytes) this.maxFrameBytes = data.max_frame_bytes;
+      this.expiresAt = data.expires_at || null;
+      this.scheduleAuth(data.expires_in);
       clearTimeout(this.stableTimer);
       const ws = this.ws;
       this.stableTimer = setTimeout(() => {
         if (this.ws === ws && this.connected) this.attempt = 0;
       }, STABLE_MS);
+    }
+
+    // A socket opened with a Clerk token lasts as long as that token (about a minute): before it
+    // expires, send a fresh one in an "auth" frame (docs/realtime.md). clerk.js provides the token.
+    scheduleAuth(expiresIn) {
+      clearTimeout(this.authTimer);
+      this.authTimer = null;
+      if (typeof expiresIn !== "number") return;
+      // When a third of its life is left (at most 15 s): room for a slow answer from Clerk, and the
+      // server allows its clock leeway on top.
+      const delay = Math.max(1, expiresIn - Math.min(15, expiresIn / 3)) * 1000;
+      const ws = this.ws;
+      this.authTimer = setTimeout(() => this.renewAuth(ws, false), delay);
+    }
+
+    async renewAuth(ws, force) {
+      const current = () => this.ws === ws && this.connected;
+      if (!current()) return;
+      let token = null;
+      try {
+        token = window.chatappFreshToken ? await window.chatappFreshToken(force) : null;
+      } catch (_) {
+        token = null;
+      }
+      if (!current()) return;
+      const retry = (forceNext) => {
+        this.authTimer = setTimeout(() => this.renewAuth(ws, forceNext), 2000);
+      };
+      if (!token) return retry(force); // Clerk not ready, or offline: if it never comes, the server closes at expiry
+      try {
+        const ack = await this.send({ type: "auth", token });
+        const data = (ack && ack.data) || {};
+        if (!force && this.expiresAt && data.expires_at <= this.expiresAt) return retry(true); // Clerk's cached token: ask for a new one
+        this.expiresAt = data.expires_at;
+        if (current()) this.scheduleAuth(data.expires_in);
+      } catch (_) {
+        if (current()) retry(true); // refused (e.g. that token expired meanwhile): a fresh one
+      }
     }
 
     async receive(data) {
@@ -2041,12 +2098,12 @@
     document.body.classList.add("offline");
     banner(OFFLINE_TEXT, "warn");
   });
-  socket.on("close", (event) => {
+  socket.on("close", (event, tokenExpired) => {
     document.body.classList.add("offline");
     cancelResends(); // the reconnect sends what is left (flushOutbox)
     for (const item of state.pending.values()) if (item.status === "pending") item.status = "queued";
     if (state.current) renderMessages({ stick: false });
-    if (event.code === 4401 || event.code === 4403) endSession(event.code);
+    if ((event.code === 4401 || event.code === 4403) && !tokenExpired) endSession(event.code);
   });
   socket.on("signedout", (code) => endSession(code));
   socket.on("retry", (delay, code) => {

@@ -1,5 +1,6 @@
 /* Clerk in the browser (only loaded when Clerk is configured): the hosted sign-in component on the
- * login page, a fresh __session cookie on the chat page (Clerk's SDK refreshes it), and sign-out.
+ * login page, a fresh __session cookie on the chat page (Clerk's SDK refreshes it), fresh tokens
+ * for the socket (window.chatappFreshToken), and sign-out.
  * The server verifies that cookie on every page, API call and socket (accounts/clerk.py). */
 (() => {
   "use strict";
@@ -17,6 +18,10 @@
   }
 
   whenClerk((clerk) => {
+    // The chat page's socket lasts as long as the token it holds; app.js asks here for a fresh one
+    // before it expires ("force": not Clerk's cached one) and sends it in an "auth" frame.
+    window.chatappFreshToken = (force) =>
+      clerk.session ? clerk.session.getToken(force ? { skipCache: true } : undefined) : Promise.resolve(null);
     const mount = document.getElementById("clerk-sign-in");
     if (mount) {
       const target = mount.dataset.afterSignIn || "/";
