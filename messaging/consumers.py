@@ -130,13 +130,13 @@ class MarkFrame(ThreadFrame):
 
 
 def decode_frame(text: str) -> dict[str, Any]:
-    """A client frame as a JSON object with a string ``type`` (or :class:`Malformed`). Its values are
-    checked by :func:`chatapp.storable.json_problem` next, once the request id is known."""
+    """A client frame as a JSON object (or :class:`Malformed`). Its values are checked by
+    :func:`chatapp.storable.json_problem` next, once the request id is known."""
     try:
         frame = json.loads(text, parse_constant=storable.refuse_constant)
     except (ValueError, RecursionError):
         raise Malformed("The frame is not valid JSON (or is nested too deeply).") from None
-    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+    if not isinstance(frame, dict):
         raise Malformed()
     return frame
 
@@ -438,6 +438,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             refused = storable.json_problem(frame)  # after the id is known: the error frame names it
             if refused is not None:
                 raise InvalidInput("Some fields are invalid.", fields=refused.fields())
+            if not isinstance(frame.get("type"), str):
+                raise Malformed()
             name = self.FRAMES.get(frame["type"])
             if name is None:
                 raise UnknownType(f"Unknown frame type {frame['type'][:64]!r}.")
