@@ -134,8 +134,9 @@ class HealthCheckMiddleware:
 
 class StorableInputMiddleware:
     """A 400 for a request whose path, query string or header values hold text PostgreSQL cannot
-    store (NUL; :mod:`chatapp.storable`), before any view (the admin's and the pages' too) puts it
-    in a query. Bodies are checked by the API's parsers; Django's forms refuse NUL themselves.
+    store (NUL; :mod:`chatapp.storable`), or whose declared charset can decode to it, before any
+    view (the admin's and the pages' too) puts it in a query. Bodies are checked by the API's
+    parsers; Django's forms refuse NUL themselves.
 
     Also the backstop: bad input that still reaches the database (a ``DataError``, or text psycopg
     cannot encode) is answered 400 and logged as a missing check, not a 500.
@@ -153,17 +154,23 @@ class StorableInputMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        problems = request_problems(request)
-        if problems:
-            return bad_input_response(request, problems)
-        return self.get_response(request)
+        return self.refusal(request) or self.get_response(request)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        problems = request_problems(request)
-        if problems:
-            return bad_input_response(request, problems)
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
         response: HttpResponseBase = await self.get_response(request)
         return response
+
+    @staticmethod
+    def refusal(request: HttpRequest) -> HttpResponseBase | None:
+        # Django decodes the query string and form bodies with the charset the request declares;
+        # some (utf-7, unicode_escape) turn plain bytes into lone surrogates.
+        if request.encoding and not storable.safe_charset(request.encoding):
+            return bad_input_response(request, malformed=f"Unsupported charset {request.encoding!r}: send UTF-8.")
+        problems = request_problems(request)
+        return bad_input_response(request, problems) if problems else None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
         if not isinstance(exception, (DataError, UnicodeEncodeError)):

@@ -13,6 +13,7 @@ dependencies and still return infinity for ``1e400`` and allow 1024 levels.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from collections.abc import Iterable
@@ -114,6 +115,20 @@ def loads(raw: str | bytes) -> Any:
     if problem is not None:
         raise problem
     return value
+
+
+# Charsets whose decoder yields only Unicode scalar values (UTF-7 and the escape codecs can yield
+# lone surrogates from plain ASCII bytes).
+SAFE_CHARSETS = frozenset(
+    {"utf-8", "utf-8-sig", "ascii", "iso8859-1", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
+)
+
+
+def safe_charset(name: str) -> bool:
+    try:
+        return codecs.lookup(name).name in SAFE_CHARSETS
+    except LookupError:
+        return False
 
 
 def pairs_problems(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

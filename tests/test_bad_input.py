@@ -358,3 +358,29 @@ def test_the_backstop_answers_unstorable_input_that_reached_the_database_with_40
     [record] = [r for r in caplog.records if "bad input reached the database" in r.getMessage()]
     assert record.exc_info is not None
     assert isinstance(record.exc_info[1], exception)
+
+
+@pytest.mark.parametrize("charset", ["utf-7", "unicode_escape", "raw_unicode_escape"])
+def test_a_charset_that_decodes_to_surrogates_is_refused(api: Api, alice: User, client: Any, charset: str) -> None:
+    """Django decodes the query string and form bodies with the declared charset; these turn plain
+    ASCII (``+2AA-``, ``\\ud800``) into lone surrogates, so they are refused before anything decodes."""
+    body = "display_name=%2B2AA-%5Cud800"
+    response = api(alice).generic(
+        "PATCH", "/api/v1/me", body, content_type=f"application/x-www-form-urlencoded; charset={charset}"
+    )
+    assert_error(response, 400, "malformed")
+    response = api(alice).generic(
+        "GET", "/api/v1/users?q=%2B2AA-%5Cud800", content_type=f"text/plain; charset={charset}"
+    )
+    assert_error(response, 400, "malformed")
+    # Django's own forms (the sign-in page) too: the username would reach the database.
+    page = client.generic(
+        "POST",
+        "/accounts/login/",
+        "username=%2B2AA-%5Cud800&password=x",
+        content_type=f"application/x-www-form-urlencoded; charset={charset}",
+    )
+    assert page.status_code == 400
+    for fine in ("utf-8", "UTF8", "us-ascii", "latin-1", "utf-16"):
+        response = api(alice).generic("GET", "/api/v1/users?q=al", content_type=f"text/plain; charset={fine}")
+        assert response.status_code == 200, (fine, response.content)

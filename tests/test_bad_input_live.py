@@ -83,7 +83,7 @@ def test_unstorable_frame_fields_get_an_error_frame_and_the_socket_survives(
         for value, bad in BAD_JSON.items():
             request_id = f"{name}-{value}"
             await client.send(_frame_text(frame(thread, message), bad, request_id))
-            reply = await client.wait_for(lambda f, rid=request_id: f.get("id") == rid)
+            reply = await client.wait_for(lambda f: f.get("id") == request_id)  # noqa: B023 - awaited here
             assert reply["type"] == "error", (value, reply)
             assert reply["error"]["code"] == "invalid", (value, reply)
             assert field in reply["error"]["fields"], (value, reply)
