@@ -96,7 +96,8 @@ MIDDLEWARE = [
     # host validation and the HTTPS redirect; CSP right after SecurityMiddleware.
     "chatapp.middleware.RequestIdMiddleware",
     "chatapp.middleware.HealthCheckMiddleware",
-    # NUL in a path, query string or header is a 400 before anything queries with it.
+    # NUL in a path, query string or header (or a charset that decodes to surrogates) is a 400
+    # before anything queries with it; also the DataError backstop (docs/architecture.md, "Bad input").
     "chatapp.middleware.StorableInputMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",

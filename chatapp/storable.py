@@ -7,8 +7,9 @@ NaN or infinity. Refusing these at decode time, with the field named, makes ever
 edge safe without a check of its own; refusing deep nesting there keeps the recursive code behind it
 (serializers, ``copy.deepcopy``, ``json.dumps``) far from Python's recursion limit.
 
-No library does this: the standard decoder accepts all of it, and stricter ones (orjson) are not
-dependencies and still return infinity for ``1e400`` and allow 1024 levels.
+Hand-written because no kept library states these rules: the standard decoder accepts all of it,
+and DRF's validators cover only the fields they declare (not object keys, ``DictField`` values or
+frames), while a stricter decoder would still not know PostgreSQL's NUL rule or our depth bound.
 """
 
 from __future__ import annotations
