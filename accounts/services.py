@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from accounts.clerk import REVOKED_SESSION_TTL, revoked_session_key
 from accounts.models import AuditEntry, SystemRole, User, WebhookDelivery
+from chatapp import storable
 from chatapp.broadcast import user_event_on_commit
 from chatapp.cache import invalidate_on_commit
 from chatapp.errors import Conflict, InvalidInput
@@ -42,29 +43,20 @@ def user_create_local(
 
 
 def _check_preferences(preferences: dict[str, Any]) -> dict[str, Any]:
-    """A small JSON object (the page's settings, merged): at most 50 keys and 16 KB, and no NUL
-    character, which PostgreSQL's jsonb cannot hold."""
+    """A small JSON object (the page's settings, merged): at most 50 keys and 16 KB, and only what
+    PostgreSQL's jsonb can hold (no NUL, no lone surrogate, finite numbers, bounded nesting)."""
     if len(preferences) > PREFERENCES_MAX_KEYS:
         raise InvalidInput(fields={"preferences": [f"An object with at most {PREFERENCES_MAX_KEYS} keys."]})
+    problem = storable.json_problem(preferences)
+    if problem is not None:
+        raise InvalidInput(fields={"preferences": [problem.message]})
     try:
         encoded = json.dumps(preferences)
-    except (TypeError, ValueError, RecursionError):
+    except (TypeError, ValueError):
         raise InvalidInput(fields={"preferences": ["Must be plain JSON."]}) from None
     if len(encoded) > PREFERENCES_MAX_BYTES:
         raise InvalidInput(fields={"preferences": [f"At most {PREFERENCES_MAX_BYTES // 1024} KB."]})
-    if _has_nul(preferences):
-        raise InvalidInput(fields={"preferences": ["Must not contain NUL characters."]})
     return preferences
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
 
 
 def _check_display_name(value: str) -> str:

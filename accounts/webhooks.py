@@ -7,7 +7,6 @@ Anything that does not verify is refused in the JSON error shape and changes not
 
 from __future__ import annotations
 
-import json
 import logging
 
 from django.conf import settings
@@ -22,6 +21,7 @@ from rest_framework.views import APIView
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from accounts.services import clerk_webhook_process
+from chatapp import storable
 from chatapp.api import ErrorSerializer
 from chatapp.errors import InvalidInput, ServiceError, TooLarge
 
@@ -89,9 +89,11 @@ class ClerkWebhookApi(APIView):
             logger.info("clerk webhook refused: %s", exc)
             raise WebhookSignatureInvalid() from None
         try:
-            event = json.loads(body)
-        except ValueError:
-            raise InvalidInput("The signed body is not JSON.") from None
+            event = storable.loads(body)
+        except storable.Unstorable as exc:
+            if exc.field is None:
+                raise InvalidInput("The signed body is not JSON.") from None
+            raise InvalidInput(fields=exc.fields()) from None
         if not isinstance(event, dict):
             raise InvalidInput("The signed body is not a JSON object.")
         status = clerk_webhook_process(svix_id=headers["svix-id"], event=event)

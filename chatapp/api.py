@@ -134,11 +134,13 @@ _ERROR_EXAMPLES = {
 
 
 def error_responses(*statuses: int) -> dict[int, Any]:
-    """drf-spectacular responses for the given error statuses (401 and 429 always apply)."""
+    """drf-spectacular responses for the given error statuses. 400, 401 and 429 always apply: any
+    request can carry unstorable text in its path or query string (docs/architecture.md, "Bad input"),
+    lack credentials or exceed a rate."""
     from drf_spectacular.utils import OpenApiExample, OpenApiResponse
 
     out: dict[int, Any] = {}
-    for status in sorted({401, 429, *statuses}):
+    for status in sorted({400, 401, 429, *statuses}):
         code, message = _ERROR_EXAMPLES[status]
         body: dict[str, Any] = {"code": code, "message": message}
         if status == 400:

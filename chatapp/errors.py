@@ -159,6 +159,18 @@ def json_error(request: HttpRequest, status: int, code: str, message: str, **ext
     return JsonResponse(error_body(code, message, **extra), status=status)
 
 
+def bad_input_response(request: HttpRequest, fields: dict[str, list[str]] | None = None, malformed: str = "") -> Any:
+    """The 400 for input refused before (or, as a backstop, by) the database: the one error shape
+    under /api/ (``invalid`` naming the fields, or ``malformed``), Django's 400 page elsewhere."""
+    if request.path.startswith("/api/"):
+        if malformed:
+            return json_error(request, 400, "malformed", malformed)
+        return json_error(request, 400, "invalid", "Some fields are invalid.", fields=fields)
+    from django.views.defaults import bad_request
+
+    return bad_request(request, Exception("unstorable input"))
+
+
 def handler400(request: HttpRequest, exception: Exception | None = None) -> Any:
     """Django's own refusals of a request (SuspiciousOperation: too many form fields, a bad Host...)."""
     if request.path.startswith("/api/"):

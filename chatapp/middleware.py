@@ -1,4 +1,5 @@
-"""HTTP middleware for operations: the request id, the access log line, and the probe endpoints.
+"""HTTP middleware for operations: the request id, the access log line, the probe endpoints, and
+the refusal of paths, query strings and headers that hold text PostgreSQL cannot store.
 
 Both classes work natively in async (ASGI/daphne) and sync mode. They come first in
 ``MIDDLEWARE``: the request id must be set before anything logs, and probes must be answered
@@ -14,12 +15,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.db import DataError
 from django.http import HttpRequest, HttpResponseBase
+from django.urls import Resolver404, resolve
 from django.utils.module_loading import import_string
 
+from chatapp import storable
+from chatapp.errors import bad_input_response
 from chatapp.logging import connection_id_var, request_id_bind
 
 access_logger = logging.getLogger("chatapp.access")
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Probe and scrape paths, answered by HealthCheckMiddleware; their access lines are DEBUG only.
@@ -124,3 +130,68 @@ class HealthCheckMiddleware:
             response: Awaitable[HttpResponseBase] = self.get_response(request)
             return await response
         return await sync_to_async(view)(request)
+
+
+class StorableInputMiddleware:
+    """A 400 for a request whose path, query string or header values hold text PostgreSQL cannot
+    store (NUL; :mod:`chatapp.storable`), or whose declared charset can decode to it, before any
+    view (the admin's and the pages' too) puts it in a query. Bodies are checked by the API's
+    parsers; Django's forms refuse NUL themselves.
+
+    Also the backstop: bad input that still reaches the database (a ``DataError``, or text psycopg
+    cannot encode) is answered 400 and logged as a missing check, not a 500.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        return self.refusal(request) or self.get_response(request)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        response: HttpResponseBase = await self.get_response(request)
+        return response
+
+    @staticmethod
+    def refusal(request: HttpRequest) -> HttpResponseBase | None:
+        # Django decodes the query string and form bodies with the charset the request declares;
+        # some (utf-7, unicode_escape) turn plain bytes into lone surrogates.
+        if request.encoding and not storable.safe_charset(request.encoding):
+            return bad_input_response(request, malformed=f"Unsupported charset {request.encoding!r}: send UTF-8.")
+        problems = request_problems(request)
+        return bad_input_response(request, problems) if problems else None
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
+        if not isinstance(exception, (DataError, UnicodeEncodeError)):
+            return None
+        logger.warning("bad input reached the database (a check is missing at the edge)", exc_info=exception)
+        return bad_input_response(request, {"non_field_errors": ["A value cannot be stored."]})
+
+
+def request_problems(request: HttpRequest) -> dict[str, list[str]]:
+    """What in the path, query string and headers cannot be stored, by path parameter, query
+    parameter or header name."""
+    problems: dict[str, list[str]] = {}
+    path_problem = storable.text_problem(request.path_info)
+    if path_problem:
+        try:
+            kwargs = resolve(request.path_info).kwargs
+        except Resolver404:
+            kwargs = {}
+        named = {k: [path_problem] for k, v in kwargs.items() if isinstance(v, str) and storable.text_problem(v)}
+        problems.update(named or {"path": [path_problem]})
+    problems.update(storable.pairs_problems((k, v) for k, values in request.GET.lists() for v in values))
+    headers = ((name, value) for name, value in request.headers.items() if isinstance(value, str))
+    problems.update(storable.pairs_problems(headers))
+    return problems

@@ -96,6 +96,9 @@ MIDDLEWARE = [
     # host validation and the HTTPS redirect; CSP right after SecurityMiddleware.
     "chatapp.middleware.RequestIdMiddleware",
     "chatapp.middleware.HealthCheckMiddleware",
+    # NUL in a path, query string or header (or a charset that decodes to surrogates) is a 400
+    # before anything queries with it; also the DataError backstop (docs/architecture.md, "Bad input").
+    "chatapp.middleware.StorableInputMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -390,8 +393,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": [
         "chatapp.parsers.JSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
+        "chatapp.parsers.FormParser",
+        "chatapp.parsers.MultiPartParser",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "chatapp.errors.api_exception_handler",

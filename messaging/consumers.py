@@ -29,11 +29,12 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.utils import await_many_dispatch
 from django.conf import settings
+from django.db import DataError
 from rest_framework import serializers
 
 import messaging.credentials as auth
 from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
-from chatapp import metrics
+from chatapp import metrics, storable
 from chatapp.api import IntField, TextField
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
@@ -127,6 +128,28 @@ class ReactionFrame(MessageFrame):
 
 class MarkFrame(ThreadFrame):
     seq = IntField(min_value=0)
+
+
+def decode_frame(text: str) -> dict[str, Any]:
+    """A client frame as a JSON object (or :class:`Malformed`). Its values are checked by
+    :func:`chatapp.storable.json_problem` next, once the request id is known."""
+    try:
+        frame = json.loads(text, parse_constant=storable.refuse_constant)
+    except (ValueError, RecursionError):
+        raise Malformed("The frame is not valid JSON (or is nested too deeply).") from None
+    if not isinstance(frame, dict):
+        raise Malformed()
+    return frame
+
+
+def frame_request_id(frame: dict[str, Any]) -> str | int | None:
+    """The frame's ``id`` to echo in its ack or error: a short string or an integer, else None."""
+    request_id = frame.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)) or len(str(request_id)) > 64:
+        return None
+    if isinstance(request_id, str) and storable.text_problem(request_id):
+        return None
+    return request_id
 
 
 def parse(serializer_class: type[serializers.Serializer], frame: dict[str, Any]) -> dict[str, Any]:
@@ -422,21 +445,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             if text_data is None:
                 raise Malformed("Binary frames are not accepted; send JSON text.")
-            try:
-                frame = json.loads(text_data)
-            except (ValueError, RecursionError):
-                raise Malformed("The frame is not valid JSON (or is nested too deeply).") from None
-            if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            frame = decode_frame(text_data)
+            request_id = frame_request_id(frame)
+            refused = storable.json_problem(frame)  # after the id is known: the error frame names it
+            if refused is not None:
+                raise InvalidInput("Some fields are invalid.", fields=refused.fields())
+            if not isinstance(frame.get("type"), str):
                 raise Malformed()
-            request_id = frame.get("id")
-            if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or len(str(request_id)) > 64:
-                request_id = None
             name = self.FRAMES.get(frame["type"])
             if name is None:
                 raise UnknownType(f"Unknown frame type {frame['type'][:64]!r}.")
             await getattr(self, name)(frame, request_id)
         except ServiceError as exc:
             await self.send_frame({"type": "error", "id": request_id, "error": exc.as_dict()})
+        except (DataError, UnicodeEncodeError):
+            # The backstop: every field is checked before it gets here; a value that still reaches the
+            # database unstorable is the client's error (and a check to add), not the server's.
+            logger.warning("bad input reached the database (a check is missing at the edge)", exc_info=True)
+            refusal = InvalidInput(fields={"non_field_errors": ["A value cannot be stored."]})
+            await self.send_frame({"type": "error", "id": request_id, "error": refusal.as_dict()})
         except Exception:
             realtime.stop_if_cancelled()
             logger.exception("socket frame failed")
