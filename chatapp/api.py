@@ -130,21 +130,23 @@ _ERROR_EXAMPLES = {
     409: ("conflict", "The resource changed; reload and try again."),
     413: ("too_large", "A message body is limited to 100 KB."),
     429: ("rate_limited", "Too many requests; slow down."),
+    503: ("unavailable", "The database is unavailable; try again shortly."),
 }
 
 
 def error_responses(*statuses: int) -> dict[int, Any]:
-    """drf-spectacular responses for the given error statuses (401 and 429 always apply)."""
+    """drf-spectacular responses for the given error statuses (401, 429 and 503 always apply: a
+    dependency that is down is a retryable 503 ``unavailable`` anywhere, chatapp/errors.py)."""
     from drf_spectacular.utils import OpenApiExample, OpenApiResponse
 
     out: dict[int, Any] = {}
-    for status in sorted({401, 429, *statuses}):
+    for status in sorted({401, 429, 503, *statuses}):
         code, message = _ERROR_EXAMPLES[status]
         body: dict[str, Any] = {"code": code, "message": message}
         if status == 400:
             body["fields"] = {"body": ["Must not be empty."]}
-        if status == 429:
-            body["retry_after"] = 12
+        if status in (429, 503):
+            body["retry_after"] = 12 if status == 429 else 5
         out[status] = OpenApiResponse(
             ErrorSerializer, description=message, examples=[OpenApiExample(code, value={"error": body})]
         )
