@@ -30,6 +30,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ class Broadcaster:
 
     A service's caller (the REST view answering, the socket acknowledging a send) never waits on
     Redis: it hands its events over after commit and goes on. The events leave one at a time, in the
-    order they were handed over. When a send fails (Redis down, or frozen: the layer's socket timeout
-    ends it) the ones queued in the next ``REDIS_SKIP_SECONDS`` are dropped without trying, as are
-    any over ``MAX_PENDING``: sockets read what they missed from the event log when Redis is back
+    order they were handed over. When a send times out (Redis frozen or partitioned: the layer's socket
+    timeout ends it) the ones queued in the next ``REDIS_SKIP_SECONDS`` are dropped without trying, as
+    are any over ``MAX_PENDING``: sockets read what they missed from the event log when Redis is back
     (docs/realtime.md, "Delivery, fan-out and failures").
     """
 
@@ -167,8 +168,9 @@ class Broadcaster:
             return
         try:
             await get_channel_layer().group_send(group, _stamped(group, message))
-        except Exception:
-            self.skip_until = time.monotonic() + settings.REDIS_SKIP_SECONDS
+        except Exception as exc:
+            if isinstance(exc, (RedisTimeoutError, TimeoutError)):  # frozen, not refused: skip it a moment
+                self.skip_until = time.monotonic() + settings.REDIS_SKIP_SECONDS
             _failed(group)
 
     def flush(self, timeout: float) -> bool:

@@ -66,18 +66,18 @@ class SharedRedisCache(RedisCache):
 
 
 class RedisSkipped(redis.exceptions.ConnectionError):
-    """Raised instead of calling Redis while the pool skips it after a failure."""
+    """Raised instead of calling Redis while the pool skips it after a timeout."""
 
 
 class SkippingConnectionPool(redis.ConnectionPool):
-    """A redis-py pool that stops calling Redis for ``REDIS_SKIP_SECONDS`` after a call fails.
+    """A redis-py pool that stops calling Redis for ``REDIS_SKIP_SECONDS`` after a call times out.
 
     Each call already gives up after the socket timeouts (``CHATAPP_REDIS_TIMEOUT``), but a request
     makes several cache calls (sessions, two API budgets, the send budget, cached payloads): against a
-    frozen or partitioned Redis each would wait its full timeout. After the first failure (a timeout,
-    a refused or broken connection) the next calls fail at once with :class:`RedisSkipped`, which
-    every caller already treats as Redis being down (budgets fail open, reads go to the database).
-    When the time is up, the next call tries Redis again.
+    frozen or partitioned Redis each would wait its full timeout. After the first timeout the next
+    calls fail at once with :class:`RedisSkipped`, which every caller already treats as Redis being
+    down (budgets fail open, reads go to the database). When the time is up, the next call tries
+    Redis again.
 
     Hand-written rather than a circuit-breaker library (pybreaker): the hook has to sit in redis-py's
     connection (where every command, pipeline and script passes), and all it keeps is one deadline.
@@ -113,13 +113,11 @@ class SkippingConnectionPool(redis.ConnectionPool):
     def watch(self) -> Iterator[None]:
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except redis.exceptions.TimeoutError:
+            # Only a timeout: a refused or broken connection fails at once (and a broken pooled one is
+            # retried once on a new connection, settings._redis_retry), so there is nothing to skip.
             now = time.monotonic()
             if self.skip_until <= now:
-                logger.warning(
-                    "Redis (cache) failed: %s; skipping it for %.1f s",
-                    exc.__class__.__name__,
-                    settings.REDIS_SKIP_SECONDS,
-                )
+                logger.warning("Redis (cache) timed out; skipping it for %.1f s", settings.REDIS_SKIP_SECONDS)
             self.skip_until = now + settings.REDIS_SKIP_SECONDS
             raise

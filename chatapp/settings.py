@@ -226,10 +226,26 @@ REDIS_URL = env_str("REDIS_URL")
 # Each daphne process holds one pool shared by every socket it serves.
 REDIS_MAX_CONNECTIONS = env_int("CHATAPP_REDIS_MAX_CONNECTIONS", 2000)
 # Every Redis call of the cache (rate budgets, cached sessions and payloads) and of the channel layer
-# gives up after this long (connect and each read); a cache call that fails makes the process skip
+# gives up after this long (connect and each read); a cache call that times out makes the process skip
 # Redis for REDIS_SKIP_SECONDS (chatapp/cache_backend.py). Budgets then fail open (docs/operations.md).
 REDIS_TIMEOUT_SECONDS = float(env_str("CHATAPP_REDIS_TIMEOUT", "0.5"))
 REDIS_SKIP_SECONDS = 2.0
+
+
+def _redis_retry(*, asyncio: bool) -> Any:
+    """One immediate retry on a broken connection (a pooled one that Redis closed: it restarted), so
+    that only a Redis that is really down fails a call. A timeout is not retried: it already waited."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if asyncio:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
 
 if REDIS_URL:
     _redis = urlparse(REDIS_URL)
@@ -258,6 +274,7 @@ if REDIS_URL:
                         "max_connections": REDIS_MAX_CONNECTIONS,
                         "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
                         "socket_timeout": _layer_read_timeout,
+                        "retry": _redis_retry(asyncio=True),
                     }
                 ],
                 "capacity": env_int("CHATAPP_CHANNEL_CAPACITY", 1000),
@@ -275,6 +292,7 @@ if REDIS_URL:
                 "pool_class": "chatapp.cache_backend.SkippingConnectionPool",
                 "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
                 "socket_timeout": REDIS_TIMEOUT_SECONDS,
+                "retry": _redis_retry(asyncio=False),
             },
         }
     }
