@@ -59,8 +59,10 @@ def rest_send(server: ServerProcess, token: str, thread_id: int, body: str, cid:
     return status, json.loads(raw), headers, time.monotonic() - started
 
 
-def rest_get(server: ServerProcess, token: str, path: str) -> tuple[int, Any, Any]:
-    request = urllib.request.Request(f"{server.origin}{path}", headers={"Authorization": f"Token {token}"})
+def rest_get(server: ServerProcess, token: str, path: str, *, cookie: str = "") -> tuple[int, Any, Any]:
+    """GET with an API token, or with a session cookie (``cookie``) as the web page does."""
+    auth = {"Cookie": f"sessionid={cookie}"} if cookie else {"Authorization": f"Token {token}"}
+    request = urllib.request.Request(f"{server.origin}{path}", headers=auth)
     try:
         with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status, json.loads(reply.read()), reply.headers
@@ -112,6 +114,11 @@ def test_sends_are_acknowledged_while_redis_is_frozen(redis_pid: int, alice: Use
                 assert reply["type"] == "ack", reply
                 assert took < REDIS_ACK_BOUND, f"socket send {n} acknowledged in {took:.1f} s"
                 seqs.append(reply["data"]["seq"])
+                # Signed in by a session cookie (sessions are cached in Redis): read from the database.
+                started = time.monotonic()
+                status, body, _ = await asyncio.to_thread(rest_get, server, "", "/api/v1/threads", cookie=cookies[0])
+                assert status == 200, body
+                assert time.monotonic() - started < REDIS_ACK_BOUND
                 await asyncio.sleep(0.3)
         finally:
             os.kill(redis_pid, signal.SIGCONT)
