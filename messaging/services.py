@@ -152,7 +152,12 @@ def message_send(
         client_msg_id=client_msg_id,
     )
     notify = _notification_kinds(message=message, thread=access.thread)
-    # The budget is spent before the lock: it may wait on Redis, and nothing slow runs under the lock.
+    # The cache and the budget are Redis calls: made before the lock, under which nothing slow runs.
+    # A reply changes its parent's reply_count: its cached payload goes now and again after commit
+    # (a read in between may have cached the old count), as invalidate_on_commit does.
+    parent = [reply_to.pk] if reply_to is not None else []
+    if parent:
+        invalidate("message", parent)
     try:
         spent = send_budget_consume(user=sender)
     except RateLimited:
@@ -179,10 +184,8 @@ def message_send(
                 # it, so it sees a removal committed while this send waited): removed meanwhile.
                 raise NotFound("Thread not found.")
             _relations_known(message, sender=sender, attachments=bool(attachment_ids))
-            if reply_to is not None:
-                # Its reply_count changed. After commit only: a cache call here would hold the lock.
-                parent = [reply_to.pk]
-                transaction.on_commit(lambda: invalidate("message", parent))
+            if parent:
+                transaction.on_commit(lambda: invalidate("message", parent))  # (above)
             thread_event_record(
                 thread_id=thread_id,
                 type="message.created",
