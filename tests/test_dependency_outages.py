@@ -94,6 +94,27 @@ def test_an_ack_never_waits_for_the_channel_layer(
     assert (event["type"], event["seq"]) == ("message.created", sent.json()["seq"])
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_redis_restart_costs_no_failed_call(
+    events: Callable[..., EventCapture], api: Api, bob: User, thread: Thread, settings: Any
+) -> None:
+    """Pooled connections that Redis closed when it restarted are replaced on their next use: the
+    cache answers, and the broadcaster's next event is delivered (neither skips Redis)."""
+    needs("redis")
+    testenv = load_testenv()
+    assert send(api(bob), thread, "warm-1").status_code == 201  # the broadcaster's connection is open
+    cache.set("before-restart", 1)
+    testenv.stop_service("redis")
+    testenv.start_service("redis")
+    assert cache.get("before-restart") is None  # Redis lost its data, and the call did not fail
+    assert caches["default"].redis_client().connection_pool.skip_until == 0.0
+    capture = events(thread_group(thread.pk))
+    sent = send(api(bob), thread, "after-restart")
+    assert sent.status_code == 201
+    (event,) = capture.receive_all(timeout=5)
+    assert event["seq"] == sent.json()["seq"]
+
+
 # --------------------------------------------------------------------------- S3
 
 

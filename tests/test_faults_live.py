@@ -70,6 +70,16 @@ def rest_get(server: ServerProcess, token: str, path: str, *, cookie: str = "") 
         return refused.code, json.loads(refused.read()), refused.headers
 
 
+def page_status(server: ServerProcess, cookie: str) -> tuple[int, Any]:
+    """GET the chat page signed in by a session cookie: (status, headers)."""
+    request = urllib.request.Request(f"{server.origin}/", headers={"Cookie": f"sessionid={cookie}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, reply.headers
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.headers
+
+
 async def timed(request: Any) -> tuple[dict[str, Any], float]:
     started = time.monotonic()
     reply = await request
@@ -182,6 +192,9 @@ def test_postgres_down_is_a_quick_retryable_503_and_an_error_frame_on_a_survivin
             status, body, headers = await asyncio.to_thread(rest_get, server, token, "/api/v1/threads")
             assert (status, body["error"]["code"]) == (503, "unavailable"), body
             assert "Retry-After" in headers
+            # Outside the API too (Django's own error handler): the chat page is a 503, not a 500.
+            page = await asyncio.to_thread(page_status, server, cookie)
+            assert (page[0], "Retry-After" in page[1]) == (503, True)
             assert (await a.request("ping"))["type"] == "pong"  # the socket stays open
         finally:
             await asyncio.to_thread(testenv.start_service, "postgres")
