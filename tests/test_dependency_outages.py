@@ -50,7 +50,9 @@ def frozen_redis() -> Iterator[None]:
     finally:
         os.kill(pid, signal.SIGCONT)
         safety.cancel()
-        # The next tests find Redis answering at once, not skipped for a moment more.
+        # The next tests find Redis answering at once, not skipped for a moment more: the events
+        # handed over meanwhile have been sent (or have failed) before the skipping is forgotten.
+        broadcaster.flush(timeout=THAW_AFTER)
         caches["default"].redis_client().connection_pool.skip_until = 0.0  # type: ignore[attr-defined]
         broadcaster.skip_until = 0.0
 
