@@ -10,7 +10,7 @@ Django's client also builds a new ``redis.Redis`` object for every cache call (~
 response-callback table is rebuilt each time; a rate-limit check makes two calls). redis-py's
 client objects are thread-safe, so here each pool gets one, made once.
 
-Its pool (:class:`SkippingConnectionPool`) gives up on a Redis that failed a moment ago instead of
+Its pool (:class:`SkippingConnectionPool`) gives up on a Redis that timed out a moment ago instead of
 waiting out a timeout on every call (a frozen or partitioned Redis, docs/operations.md).
 """
 
@@ -106,7 +106,7 @@ class SkippingConnectionPool(redis.ConnectionPool):
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         left = self.skip_until - time.monotonic()
         if left > 0:
-            raise RedisSkipped(f"Redis failed recently; not called for another {left:.1f} s")
+            raise RedisSkipped(f"Redis timed out recently; not called for another {left:.1f} s")
         return super().get_connection(*args, **kwargs)
 
     @contextlib.contextmanager
