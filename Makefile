@@ -49,13 +49,13 @@ test: $(DEV_STAMP)
 	$(MAKE) --no-print-directory lint
 	@echo "== Suite on real PostgreSQL, Redis, S3 (moto), ClamAV and Chromium =="
 	$(BIN)/python scripts/testenv.py run -- env CHATAPP_TESTING=1 CHATAPP_REQUIRE_SERVICES=1 \
-		$(BIN)/pytest --ignore=tests/test_realtime_live.py $(PYTEST_ARGS)
+		$(BIN)/pytest --ignore=tests/test_realtime_live.py --ignore=tests/test_faults_live.py $(PYTEST_ARGS)
 	@echo "== The socket protocol again on channels-redis' core layer (the default is pub/sub) =="
 	$(BIN)/python scripts/testenv.py run -- env CHATAPP_TESTING=1 CHATAPP_REQUIRE_SERVICES=1 \
 		CHATAPP_CHANNEL_LAYER=channels_redis.core.RedisChannelLayer $(BIN)/pytest tests/test_realtime_protocol.py $(PYTEST_ARGS)
 	@echo "== Multi-process real-time and fault tests, on their own fresh PostgreSQL and Redis =="
 	$(BIN)/python scripts/testenv.py run -- env CHATAPP_TESTING=1 CHATAPP_REQUIRE_SERVICES=1 \
-		$(BIN)/pytest tests/test_realtime_live.py $(PYTEST_ARGS)
+		$(BIN)/pytest tests/test_realtime_live.py tests/test_faults_live.py $(PYTEST_ARGS)
 	@echo "== Smoke suite on the embedded default (SQLite, in-memory layer, local files) =="
 	env -u DATABASE_URL -u REDIS_URL -u AWS_STORAGE_BUCKET_NAME -u AWS_S3_ENDPOINT_URL \
 		CHATAPP_TESTING=1 CHATAPP_DATA_DIR=$$(mktemp -d) $(BIN)/pytest -m smoke $(PYTEST_ARGS)

@@ -42,7 +42,7 @@ from attachments.validation import (
     sniff,
 )
 from chatapp.cache import invalidate_on_commit
-from chatapp.errors import Conflict, InvalidInput, NotFound, TooLarge
+from chatapp.errors import Conflict, InvalidInput, NotFound, TooLarge, Unavailable
 from messaging.models import Message
 from threads import policy
 from threads.selectors import thread_get_for_member
@@ -145,6 +145,8 @@ def _store_checked(checked: _Checked, *, thread_id: int, name: str) -> tuple[str
                 content_type=storage.THUMBNAIL_TYPE,
                 content_disposition=storage.disposition(name="thumbnail.webp", inline=True),
             )
+    except Unavailable:
+        raise  # S3 is down: deleting would wait out its timeouts again (the cleanup job removes strays)
     except BaseException:
         storage_delete_keys([key, thumb])
         raise
@@ -428,6 +430,9 @@ def storage_delete_keys(keys: Iterable[str]) -> None:
             continue
         try:
             storage.delete(key)
+        except Unavailable:
+            logger.warning("storage unavailable; stored files %s are left to the cleanup command", list(keys))
+            return  # the next deletes would wait out S3's timeouts too
         except Exception:
             logger.exception("could not delete stored file %s; the cleanup command retries", key)
 

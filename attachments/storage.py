@@ -10,10 +10,16 @@ the file system otherwise. Keys:
 
 Nothing here asks the permission policy: callers mint URLs only after
 ``attachments.selectors.attachment_get_for_download`` allowed it.
+
+Every call to S3 gives up within the client's timeouts and retries (``CHATAPP_S3_*``, settings), and
+an S3 that is unreachable, hanging or failing (5xx) raises :class:`chatapp.errors.Unavailable`: the
+request answers 503 ``unavailable`` (never a 500, and never "not uploaded yet"). Minting URLs
+(presigned uploads and downloads) is local signing and needs no answer from S3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import shutil
@@ -29,6 +35,8 @@ from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.urls import reverse
 from django.utils.http import content_disposition_header
+
+from chatapp.errors import unavailable_for
 
 QUARANTINE_PREFIX = "quarantine/"
 ATTACHMENT_PREFIX = "attachments/"
@@ -69,6 +77,18 @@ def _s3_key(storage: Any, key: str) -> str:
     return str(storage._normalize_name(clean_name(key)))
 
 
+@contextlib.contextmanager
+def _s3_call() -> Iterator[None]:
+    """Turn S3 being unreachable, hanging or failing into the one 503 (chatapp.errors.Unavailable)."""
+    try:
+        yield
+    except Exception as exc:
+        unavailable = unavailable_for(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
+
+
 def disposition(*, name: str, inline: bool) -> str:
     return content_disposition_header(not inline, name) or "attachment"
 
@@ -79,15 +99,16 @@ def store(key: str, fileobj: IO[bytes], *, content_type: str, content_dispositio
     fileobj.seek(0)
     if is_s3(storage):
         s3: Any = storage
-        s3.bucket.Object(_s3_key(s3, key)).upload_fileobj(
-            fileobj,
-            ExtraArgs={
-                "ContentType": content_type,
-                "ContentDisposition": content_disposition,
-                "CacheControl": CACHE_CONTROL,
-            },
-            Config=s3.transfer_config,
-        )
+        with _s3_call():
+            s3.bucket.Object(_s3_key(s3, key)).upload_fileobj(
+                fileobj,
+                ExtraArgs={
+                    "ContentType": content_type,
+                    "ContentDisposition": content_disposition,
+                    "CacheControl": CACHE_CONTROL,
+                },
+                Config=s3.transfer_config,
+            )
         return
     name = storage.save(key, File(fileobj, name=key))
     if name != key:  # the key was taken: never serve a file under a name nobody checked
@@ -102,12 +123,13 @@ def fetch(key: str, dest: IO[bytes]) -> None:
         from botocore.exceptions import ClientError
 
         s3: Any = storage
-        try:
-            s3.bucket.Object(_s3_key(s3, key)).download_fileobj(dest)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                raise FileNotFoundError(key) from None
-            raise
+        with _s3_call():
+            try:
+                s3.bucket.Object(_s3_key(s3, key)).download_fileobj(dest, Config=s3.transfer_config)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    raise FileNotFoundError(key) from None
+                raise
         return
     with storage.open(key, "rb") as src:
         shutil.copyfileobj(src, dest, 1024 * 1024)
@@ -117,13 +139,15 @@ def object_size(key: str) -> int | None:
     """The stored size, or None when there is no object at ``key``."""
     storage = get_storage()
     try:
-        return int(storage.size(key))
-    except (FileNotFoundError, OSError):
+        with _s3_call():
+            return int(storage.size(key))
+    except (FileNotFoundError, OSError):  # botocore's timeouts are OSErrors too, but _s3_call took them
         return None
 
 
 def delete(key: str) -> None:
-    get_storage().delete(key)
+    with _s3_call():
+        get_storage().delete(key)
 
 
 def iter_objects(prefix: str) -> Iterator[tuple[str, datetime]]:

@@ -130,23 +130,25 @@ _ERROR_EXAMPLES = {
     409: ("conflict", "The resource changed; reload and try again."),
     413: ("too_large", "A message body is limited to 100 KB."),
     429: ("rate_limited", "Too many requests; slow down."),
+    503: ("unavailable", "The database is unavailable; try again shortly."),
 }
 
 
 def error_responses(*statuses: int) -> dict[int, Any]:
-    """drf-spectacular responses for the given error statuses. 400, 401 and 429 always apply: any
+    """drf-spectacular responses for the given error statuses. 400, 401, 429 and 503 always apply: any
     request can carry unstorable text in its path or query string (docs/architecture.md, "Bad input"),
-    lack credentials or exceed a rate."""
+    lack credentials, exceed a rate, or meet a dependency that is down (a retryable 503 ``unavailable``,
+    chatapp/errors.py)."""
     from drf_spectacular.utils import OpenApiExample, OpenApiResponse
 
     out: dict[int, Any] = {}
-    for status in sorted({400, 401, 429, *statuses}):
+    for status in sorted({400, 401, 429, 503, *statuses}):
         code, message = _ERROR_EXAMPLES[status]
         body: dict[str, Any] = {"code": code, "message": message}
         if status == 400:
             body["fields"] = {"body": ["Must not be empty."]}
-        if status == 429:
-            body["retry_after"] = 12
+        if status in (429, 503):
+            body["retry_after"] = 12 if status == 429 else 5
         out[status] = OpenApiResponse(
             ErrorSerializer, description=message, examples=[OpenApiExample(code, value={"error": body})]
         )

@@ -4,16 +4,18 @@ Services raise these; the DRF exception handler turns them into HTTP responses a
 socket consumer into ``error`` frames, so a rule never has two copies of its failure.
 
 Every error body is ``{"error": {"code": str, "message": str, ...}}`` with optional
-``fields`` (validation errors per field), ``retry_after`` (seconds) or ``current``.
+``fields`` (validation errors per field), ``retry_after`` (seconds) or ``current``. A dependency
+that is down (:func:`unavailable_for`) is a 503 ``unavailable`` with ``retry_after``, never a 500.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_default_handler
@@ -80,13 +82,72 @@ class TooLarge(ServiceError):
 
 
 class RateLimited(ServiceError):
+    """A budget is spent. ``limit`` (the budget's size, when known) feeds the RateLimit-* headers."""
+
     status = 429
     code = "rate_limited"
     default_message = "Too many requests; slow down."
 
-    def __init__(self, message: str | None = None, *, retry_after: int = 1, **extra: Any) -> None:
+    def __init__(
+        self, message: str | None = None, *, retry_after: int = 1, limit: int | None = None, **extra: Any
+    ) -> None:
         super().__init__(message, retry_after=max(1, int(retry_after)), **extra)
         self.retry_after = max(1, int(retry_after))
+        self.limit = limit
+
+
+# Seconds a client is asked to wait after a 503 ``unavailable`` (PostgreSQL, file storage down).
+UNAVAILABLE_RETRY_AFTER = 5
+
+
+class Unavailable(ServiceError):
+    """A service we depend on did not answer in time (PostgreSQL, file storage): nothing new was
+    stored, and the same request may be sent again (sends are idempotent by ``client_msg_id``)."""
+
+    status = 503
+    code = "unavailable"
+    default_message = "The service is temporarily unavailable; try again shortly."
+
+    def __init__(self, message: str | None = None, *, retry_after: int = UNAVAILABLE_RETRY_AFTER, **extra: Any) -> None:
+        super().__init__(message, retry_after=max(1, int(retry_after)), **extra)
+        self.retry_after = max(1, int(retry_after))
+
+
+def unavailable_for(exc: BaseException) -> Unavailable | None:
+    """The 503 for an exception that means a dependency is down or too slow, else None.
+
+    One classification for every entry point (DRF views, Django's own 500 handler for anything
+    outside them, the socket's frame handler), so an outage is a retryable 503 wherever it shows:
+    PostgreSQL unreachable (a pool timeout, a refused or broken connection, a cancelled statement:
+    Django's OperationalError and InterfaceError), S3 unreachable or hanging (botocore's connection
+    and timeout errors), Redis where a caller did not fail open.
+    """
+    from django.db import InterfaceError, OperationalError
+
+    if isinstance(exc, Unavailable):
+        return exc
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return Unavailable("The database is unavailable; try again shortly.")
+    try:
+        import psycopg
+
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return Unavailable("The database is unavailable; try again shortly.")
+    except ImportError:  # pragma: no cover - psycopg is a requirement
+        pass
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    storage_down = isinstance(exc, (BotoConnectionError, HTTPClientError)) or (
+        isinstance(exc, ClientError) and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    )
+    if storage_down:
+        return Unavailable("File storage is unavailable; try again shortly.")
+    import redis
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return Unavailable()
+    return None
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -116,10 +177,17 @@ def _flatten(detail: Any) -> Any:
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's EXCEPTION_HANDLER: every failure leaves the API in the one error shape."""
+    unavailable = None if isinstance(exc, ServiceError) else unavailable_for(exc)
+    if unavailable is not None:
+        logger.warning("answered 503: %s", unavailable.message, exc_info=exc)
+        exc = unavailable
     if isinstance(exc, ServiceError):
         service_response = Response(error_body(**exc.as_dict()), status=exc.status)
-        if isinstance(exc, RateLimited):
+        if isinstance(exc, (RateLimited, Unavailable)):
             service_response["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, RateLimited) and exc.limit is not None:
+            for name, value in ratelimit_headers(limit=exc.limit, remaining=0, reset=exc.retry_after).items():
+                service_response[name] = value
         return service_response
     if isinstance(exc, Http404):
         exc = drf_exceptions.NotFound()
@@ -153,6 +221,12 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     response.status_code = status
     response.data = error_body(code, message, **extra)
     return response
+
+
+def ratelimit_headers(*, limit: int, remaining: int, reset: int) -> dict[str, str]:
+    """The IETF draft's RateLimit-* fields (draft-ietf-httpapi-ratelimit-headers): the budget's size,
+    what is left of it, and the seconds until more is available."""
+    return {"RateLimit-Limit": str(limit), "RateLimit-Remaining": str(remaining), "RateLimit-Reset": str(reset)}
 
 
 def json_error(request: HttpRequest, status: int, code: str, message: str, **extra: Any) -> JsonResponse:
@@ -197,6 +271,22 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Any:
 
 
 def handler500(request: HttpRequest) -> Any:
+    # Django calls this while handling the exception (anywhere: a view outside DRF, a middleware).
+    failure = sys.exc_info()[1]
+    unavailable = unavailable_for(failure) if failure is not None else None
+    if unavailable is not None:
+        logger.warning("answered 503: %s", unavailable.message, exc_info=failure)
+        response: HttpResponse
+        if request.path.startswith("/api/"):
+            response = json_error(
+                request, 503, unavailable.code, unavailable.message, retry_after=unavailable.retry_after
+            )
+        else:
+            response = HttpResponse(
+                "Temporarily unavailable; try again shortly.", status=503, content_type="text/plain"
+            )
+        response["Retry-After"] = str(unavailable.retry_after)
+        return response
     if request.path.startswith("/api/"):
         return json_error(request, 500, "server_error", "Something went wrong on our side.")
     from django.views.defaults import server_error

@@ -21,7 +21,7 @@ from django.urls import Resolver404, resolve
 from django.utils.module_loading import import_string
 
 from chatapp import storable
-from chatapp.errors import bad_input_response
+from chatapp.errors import bad_input_response, ratelimit_headers
 from chatapp.logging import connection_id_var, request_id_bind
 
 access_logger = logging.getLogger("chatapp.access")
@@ -195,3 +195,35 @@ def request_problems(request: HttpRequest) -> dict[str, list[str]]:
     headers = ((name, value) for name, value in request.headers.items() if isinstance(value, str))
     problems.update(storable.pairs_problems(headers))
     return problems
+
+
+class RateLimitHeadersMiddleware:
+    """Adds the RateLimit-Limit/-Remaining/-Reset headers (IETF draft) of the budget a request counted
+    against (:func:`chatapp.ratelimit.budget_seen`), so clients can pace themselves before a 429.
+    A refusal's own headers (set with the 429) are kept."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        return self._headers(request, self.get_response(request))
+
+    async def __acall__(self, request: HttpRequest) -> Any:
+        return self._headers(request, await self.get_response(request))
+
+    @staticmethod
+    def _headers(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        budget = getattr(request, "ratelimit_budget", None)
+        if budget is not None and "RateLimit-Limit" not in response:
+            limit, remaining, reset = budget
+            for name, value in ratelimit_headers(limit=limit, remaining=remaining, reset=reset).items():
+                response[name] = value
+        return response

@@ -45,9 +45,22 @@ def _check(request: HttpRequest, *, group: str, key: Any, rate: str, scope: str)
         logger.warning("rate limit %s unavailable (cache error); allowing", group, exc_info=True)
         metrics.ratelimit_errors.inc()
         return
-    if usage and usage["should_limit"]:
+    if not usage:
+        return
+    if usage["should_limit"]:
         metrics.ratelimit_refusals.labels(scope=scope).inc()
-        raise RateLimited(retry_after=max(1, usage["time_left"]))
+        raise RateLimited(retry_after=max(1, usage["time_left"]), limit=usage["limit"])
+    budget_seen(request, limit=usage["limit"], remaining=usage["limit"] - usage["count"], reset=usage["time_left"])
+
+
+def budget_seen(request: HttpRequest, *, limit: int, remaining: int, reset: int) -> None:
+    """Note a budget this request counted against, for its RateLimit-* headers
+    (chatapp.middleware.RateLimitHeadersMiddleware): of several, the one closest to running out."""
+    target: Any = getattr(request, "_request", request)  # DRF's Request wraps Django's
+    remaining = max(0, remaining)
+    seen = getattr(target, "ratelimit_budget", None)
+    if seen is None or remaining < seen[1]:
+        target.ratelimit_budget = (limit, remaining, max(0, reset))
 
 
 def api_rate_check(request: HttpRequest) -> None:

@@ -109,6 +109,7 @@ MIDDLEWARE = [
     "accounts.middleware.ClerkSessionMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatapp.middleware.RateLimitHeadersMiddleware",  # RateLimit-* headers of the budget a request spent
 ]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -164,6 +165,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DATABASE_URL = env_str("DATABASE_URL")
 DB_POOL_MAX_SIZE = env_int("CHATAPP_DB_POOL_MAX", 20)
 DB_STATEMENT_TIMEOUT_MS = env_int("CHATAPP_DB_STATEMENT_TIMEOUT_MS", 5000)
+# PostgreSQL unreachable: a request waits this long for a pooled connection, then answers 503
+# ``unavailable`` (chatapp/errors.py); a new connection gives up after the connect timeout.
+DB_POOL_TIMEOUT_SECONDS = float(env_str("CHATAPP_DB_POOL_TIMEOUT", "3"))
+DB_CONNECT_TIMEOUT_SECONDS = env_int("CHATAPP_DB_CONNECT_TIMEOUT", 3)
 SLOW_QUERY_SECONDS = float(env_str("CHATAPP_SLOW_QUERY_SECONDS", "1.0"))
 
 
@@ -192,8 +197,9 @@ def _database_from_url(url: str) -> dict[str, Any]:
     # Merged, not replaced: the URL's own options (sslmode=, sslrootcert=...) stay.
     config["OPTIONS"] = {
         **config.get("OPTIONS", {}),
-        "pool": {"min_size": 1, "max_size": DB_POOL_MAX_SIZE, "timeout": 10},
+        "pool": {"min_size": 1, "max_size": DB_POOL_MAX_SIZE, "timeout": DB_POOL_TIMEOUT_SECONDS},
         "options": f"-c statement_timeout={DB_STATEMENT_TIMEOUT_MS}",
+        "connect_timeout": DB_CONNECT_TIMEOUT_SECONDS,
     }
     config["TEST"] = {"NAME": env_str("CHATAPP_TEST_DATABASE_NAME") or None}
     return config
@@ -222,6 +228,27 @@ else:
 REDIS_URL = env_str("REDIS_URL")
 # Each daphne process holds one pool shared by every socket it serves.
 REDIS_MAX_CONNECTIONS = env_int("CHATAPP_REDIS_MAX_CONNECTIONS", 2000)
+# Every Redis call of the cache (rate budgets, cached sessions and payloads) and of the channel layer
+# gives up after this long (connect and each read); a cache call that times out makes the process skip
+# Redis for REDIS_SKIP_SECONDS (chatapp/cache_backend.py). Budgets then fail open (docs/operations.md).
+REDIS_TIMEOUT_SECONDS = float(env_str("CHATAPP_REDIS_TIMEOUT", "0.5"))
+REDIS_SKIP_SECONDS = 2.0
+
+
+def _redis_retry(*, asyncio: bool) -> Any:
+    """One immediate retry on a broken connection (a pooled one that Redis closed: it restarted), so
+    that only a Redis that is really down fails a call. A timeout is not retried: it already waited."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if asyncio:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
 
 if REDIS_URL:
     _redis = urlparse(REDIS_URL)
@@ -235,26 +262,44 @@ if REDIS_URL:
         raise ImproperlyConfigured(f"REDIS_URL has a malformed port: {exc}") from None
     # The channel layer's keys, and the real-time state's (presence, connection counts, typing).
     CHANNEL_PREFIX = env_str("CHATAPP_CHANNEL_PREFIX", "chatapp")
+    # Pub/sub: measured to carry more at less CPU per delivery (docs/benchmarks.md).
+    _layer_backend = env_str("CHATAPP_CHANNEL_LAYER", "channels_redis.pubsub.RedisPubSubChannelLayer")
+    # The core layer's receive blocks in Redis for up to 5 s (channels-redis' brpop_timeout): its reads
+    # must be allowed that long. The pub/sub layer reads its subscriptions with a timeout of its own.
+    _layer_read_timeout = REDIS_TIMEOUT_SECONDS + (5 if _layer_backend.endswith(".core.RedisChannelLayer") else 0)
     CHANNEL_LAYERS = {
         "default": {
-            # Pub/sub: measured to carry more at less CPU per delivery (docs/benchmarks.md).
-            "BACKEND": env_str("CHATAPP_CHANNEL_LAYER", "channels_redis.pubsub.RedisPubSubChannelLayer"),
+            "BACKEND": _layer_backend,
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "max_connections": REDIS_MAX_CONNECTIONS}],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "max_connections": REDIS_MAX_CONNECTIONS,
+                        "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+                        "socket_timeout": _layer_read_timeout,
+                        "retry": _redis_retry(asyncio=True),
+                    }
+                ],
                 "capacity": env_int("CHATAPP_CHANNEL_CAPACITY", 1000),
                 "expiry": 60,
                 "prefix": CHANNEL_PREFIX,
             },
         }
     }
-    CACHES = {
+    CACHES: dict[str, dict[str, Any]] = {
         "default": {
             "BACKEND": "chatapp.cache_backend.SharedRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("CHATAPP_CACHE_PREFIX", "chatcache"),
+            "OPTIONS": {
+                "pool_class": "chatapp.cache_backend.SkippingConnectionPool",
+                "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+                "socket_timeout": REDIS_TIMEOUT_SECONDS,
+                "retry": _redis_retry(asyncio=False),
+            },
         }
     }
-    SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+    SESSION_ENGINE = "chatapp.sessions"  # Django's cached_db, working on while Redis does not answer
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "chatapp"}}
@@ -268,6 +313,33 @@ AWS_S3_REGION_NAME = env_str("AWS_S3_REGION_NAME", "us-east-1")
 AWS_ACCESS_KEY_ID = env_str("AWS_ACCESS_KEY_ID") or None
 AWS_SECRET_ACCESS_KEY = env_str("AWS_SECRET_ACCESS_KEY") or None
 AWS_QUERYSTRING_EXPIRE = env_int("AWS_QUERYSTRING_EXPIRE", 300)
+# S3 unreachable or hanging: each request gives up after the connect (or read) timeout and is tried
+# S3_MAX_ATTEMPTS times in all (botocore's "standard" retries: under 1 s of backoff before the second
+# try). By default a storage call to a hanging endpoint fails within 3 x 2 + 1 = 7 s, to an
+# unreachable one within 2 x 2 + 1 = 5 s; the request then answers 503 (docs/operations.md).
+S3_CONNECT_TIMEOUT_SECONDS = float(env_str("CHATAPP_S3_CONNECT_TIMEOUT", "2"))
+S3_READ_TIMEOUT_SECONDS = float(env_str("CHATAPP_S3_READ_TIMEOUT", "3"))
+S3_MAX_ATTEMPTS = env_int("CHATAPP_S3_MAX_ATTEMPTS", 2)
+
+
+def _s3_client_config() -> Any:
+    from botocore.config import Config
+
+    return Config(
+        connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=S3_READ_TIMEOUT_SECONDS,
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if AWS_S3_ENDPOINT_URL else "auto"},
+    )
+
+
+def _s3_transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    # s3transfer tries a download 5 times on its own, each with botocore's retries: once here.
+    return TransferConfig(num_download_attempts=1)
+
 
 if AWS_STORAGE_BUCKET_NAME:
     _default_storage: dict[str, Any] = {
@@ -282,8 +354,9 @@ if AWS_STORAGE_BUCKET_NAME:
             "querystring_expire": AWS_QUERYSTRING_EXPIRE,
             "default_acl": None,
             "file_overwrite": False,
-            "signature_version": "s3v4",
-            "addressing_style": "path" if AWS_S3_ENDPOINT_URL else "auto",
+            # Signature version and addressing style are in the client config (which replaces them).
+            "client_config": _s3_client_config(),
+            "transfer_config": _s3_transfer_config(),
         },
     }
 else:
@@ -323,6 +396,9 @@ if CLERK_ENABLED and not CLERK_AUTHORIZED_PARTIES and not (DEBUG or TESTING):
 CHAT_MAX_MESSAGE_BYTES = 100 * 1024
 CHAT_COMPRESS_OVER_BYTES = 10 * 1024
 CHAT_SENDS_PER_MINUTE = env_int("CHATAPP_SENDS_PER_MINUTE", 60)
+# The span the send budget counts over: no CHAT_SENDS_PER_MINUTE + 1 sends in any such span
+# (a sliding log, messaging/ratelimits.py). Tests shorten it.
+CHAT_SEND_WINDOW_SECONDS = 60
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHATAPP_MAX_CONNECTIONS_PER_USER", 5)
 CHAT_HEARTBEAT_SECONDS = env_int("CHATAPP_HEARTBEAT_SECONDS", 30)
 # A server process counts as gone (its connections stop counting toward the limit, its users go

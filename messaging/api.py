@@ -25,7 +25,9 @@ from chatapp.api import (
     text_param,
 )
 from chatapp.errors import TooLarge
+from chatapp.ratelimit import budget_seen
 from messaging import selectors, services
+from messaging.ratelimits import send_budget_state
 from threads.selectors import thread_get_for_member
 
 MESSAGE_EXAMPLE: dict[str, Any] = {
@@ -132,6 +134,9 @@ class MessageListSendApi(ChatApiView):
         )
         if created:
             metrics.messages_sent.labels(via="api").inc()
+        budget = send_budget_state(user=current_user(request))
+        if budget is not None:  # the send budget's RateLimit-* headers (it is usually the closest to running out)
+            budget_seen(request, limit=budget.limit, remaining=budget.remaining, reset=budget.reset)
         return Response(_payload(message.pk, current_user(request)), status=status.HTTP_201_CREATED if created else 200)
 
 

@@ -37,7 +37,7 @@ from attachments.services import MAX_ATTACHMENTS_PER_MESSAGE
 from chatapp import metrics, storable
 from chatapp.api import IntField, TextField
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
-from chatapp.errors import InvalidInput, NotFound, ServiceError
+from chatapp.errors import InvalidInput, NotFound, ServiceError, unavailable_for
 from messaging import realtime, services, wire
 from messaging.hub import Hub, hub
 from messaging.realtime import db
@@ -464,10 +464,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.warning("bad input reached the database (a check is missing at the edge)", exc_info=True)
             refusal = InvalidInput(fields={"non_field_errors": ["A value cannot be stored."]})
             await self.send_frame({"type": "error", "id": request_id, "error": refusal.as_dict()})
-        except Exception:
+        except Exception as exc:
             realtime.stop_if_cancelled()
-            logger.exception("socket frame failed")
-            error = {"code": "server_error", "message": "Something went wrong on our side."}
+            unavailable = unavailable_for(exc)  # PostgreSQL (or storage) down: retryable, as over REST
+            if unavailable is not None:
+                logger.warning("socket frame answered unavailable: %s", unavailable.message, exc_info=True)
+                error = unavailable.as_dict()
+            else:
+                logger.exception("socket frame failed")
+                error = {"code": "server_error", "message": "Something went wrong on our side."}
             await self.send_frame({"type": "error", "id": request_id, "error": error})
 
     async def ack(self, request_id: Any, data: dict[str, Any] | None = None) -> None:

@@ -24,8 +24,8 @@ from chatapp.broadcast import (
     thread_group,
     user_event_on_commit,
 )
-from chatapp.cache import invalidate_on_commit
-from chatapp.errors import Conflict, InvalidInput, NotFound, TooLarge
+from chatapp.cache import invalidate, invalidate_on_commit
+from chatapp.errors import Conflict, InvalidInput, NotFound, RateLimited, TooLarge
 from messaging import events
 from messaging.models import Message, MessageEdit, Notification, NotificationKind, Reaction
 from messaging.ratelimits import send_budget_consume
@@ -130,8 +130,9 @@ def message_send(
     """Store a message and broadcast ``message.created`` after commit.
 
     Idempotent per (sender, client_msg_id): a retry returns the original message and
-    ``created`` False, never a second row, and does not spend the send budget.
-    Raises NotFound (not a member), InvalidInput, TooLarge, RateLimited.
+    ``created`` False, never a second row, and does not spend the send budget (nor is it refused by
+    it). The budget is spent before the thread's lock is taken. Raises NotFound (not a member),
+    InvalidInput, TooLarge, RateLimited.
     """
     if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID_RE.match(client_msg_id):
         raise InvalidInput(
@@ -157,6 +158,20 @@ def message_send(
         client_msg_id=client_msg_id,
     )
     notify = _notification_kinds(message=message, thread=access.thread)
+    # The cache and the budget are Redis calls: made before the lock, under which nothing slow runs.
+    # A reply changes its parent's reply_count: its cached payload goes now and again after commit
+    # (a read in between may have cached the old count), as invalidate_on_commit does.
+    parent = [reply_to.pk] if reply_to is not None else []
+    if parent:
+        invalidate("message", parent)
+    try:
+        spent = send_budget_consume(user=sender)
+    except RateLimited:
+        # A retry of a stored message is answered whatever the budget says (it is not a new send).
+        existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
+        if existing is None:
+            raise
+        return existing, False
     try:
         with transaction.atomic():
             # Taking the sequence locks the thread row until commit. A retry (the same
@@ -165,7 +180,6 @@ def message_send(
             # with the original (below), without a lookup on every first send.
             message.sequence = sequence_next(thread_id, last_message_at=timezone.now())
             message.save(force_insert=True)
-            send_budget_consume(user=sender)  # after the insert: a retry never spends the budget
             if attachment_ids:
                 from attachments.services import attachments_attach
 
@@ -176,8 +190,8 @@ def message_send(
                 # it, so it sees a removal committed while this send waited): removed meanwhile.
                 raise NotFound("Thread not found.")
             _relations_known(message, sender=sender, attachments=bool(attachment_ids))
-            if reply_to is not None:
-                invalidate_on_commit("message", [reply_to.pk])  # its reply_count changed
+            if parent:
+                transaction.on_commit(lambda: invalidate("message", parent))  # (above)
             thread_event_record(
                 thread_id=thread_id,
                 type="message.created",
@@ -189,6 +203,7 @@ def message_send(
                 _notifications_create(message=message, kinds=notify)
     except IntegrityError:
         # A retry: this client_msg_id is stored already (by an earlier send, or a concurrent one).
+        spent.give_back()  # a retry never spends the budget
         existing = _existing_send(sender=sender, client_msg_id=client_msg_id, thread_id=thread_id)
         if existing is None:
             raise

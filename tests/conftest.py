@@ -101,6 +101,9 @@ def _clear_cache() -> None:
             client.delete(*keys)
     else:
         cache.clear()
+        from tests.budgets import clear_send_budgets
+
+        clear_send_budgets()  # the embedded default keeps the send budgets in this process
 
 
 @pytest.fixture

@@ -188,7 +188,7 @@ def test_sessions_are_cached_in_redis(alice: User, settings: Any) -> None:
     from django.contrib.sessions.backends.cached_db import KEY_PREFIX
     from django.core.cache import caches
 
-    assert settings.SESSION_ENGINE == "django.contrib.sessions.backends.cached_db"
+    assert settings.SESSION_ENGINE == "chatapp.sessions"  # Django's cached_db, tolerant of a Redis outage
     client = Client()
     assert client.login(username="alice", password=PASSWORD)
     session_key = client.cookies["sessionid"].value

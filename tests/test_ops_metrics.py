@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
 from accounts.models import User
-from tests.budgets import wait_for_send_window
 from tests.conftest import needs
 from threads.models import Thread
 
@@ -94,7 +93,6 @@ def test_rest_sends_and_rate_limit_refusals_are_counted(
     alice: User, thread: Thread, settings: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
     settings.CHAT_SENDS_PER_MINUTE = 2
-    wait_for_send_window(alice)
     api = APIClient()
     api.force_authenticate(alice)
     before = scrape()
