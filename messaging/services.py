@@ -213,22 +213,26 @@ def message_send(
 
 def _own_message_read(*, thread_id: int, user_id: int, seq: int) -> bool:
     """The sender has read (and received) their own message: raise both marks to ``seq``.
-    False when the sender has no participant row (not, or no longer, a member).
+    False when the sender has no participant row (not, or no longer, a member) or is no longer an
+    active account: a deactivation (or a Clerk ban or deletion) committed while this send waited
+    for the thread's lock refuses the send, however briefly the sender's socket outlived it.
 
     One plain statement (portable SQL, identifiers from the model's metadata): it runs under the
     thread's lock, where the ORM's expression compiling cost more than the write itself.
     """
     connection = transaction.get_connection()
-    meta, quote = ThreadParticipant._meta, connection.ops.quote_name
+    meta, quote, users = ThreadParticipant._meta, connection.ops.quote_name, User
     column = {field.name: quote(field.column) for field in meta.concrete_fields}
     read, delivered = column["last_read_sequence"], column["last_delivered_sequence"]
     thread, user = column["thread"], column["user"]
     sql = (
         f"UPDATE {quote(meta.db_table)} SET {read} = CASE WHEN {read} < %s THEN %s ELSE {read} END, "  # noqa: S608
         f"{delivered} = CASE WHEN {delivered} < %s THEN %s ELSE {delivered} END WHERE {thread} = %s AND {user} = %s"
+        f" AND EXISTS (SELECT 1 FROM {quote(users._meta.db_table)} WHERE {quote(users._meta.pk.column)} = %s"
+        f" AND {quote(users._meta.get_field('is_active').column)} = %s)"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [seq, seq, seq, seq, thread_id, user_id])
+        cursor.execute(sql, [seq, seq, seq, seq, thread_id, user_id, user_id, True])
         return bool(cursor.rowcount)
 
 

@@ -14,6 +14,7 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from accounts.models import SystemRole, User
+from chatapp.broadcast import broadcaster
 from tests.factories import UserFactory
 from threads.models import Thread
 
@@ -167,6 +168,9 @@ class EventCapture:
         self.groups: list[str] = []
 
     def join(self, group: str) -> None:
+        # Events are sent from the process's broadcaster thread after commit (chatapp.broadcast): let
+        # those of the test's setup leave first, so that a capture hears only what happens after it.
+        assert broadcaster.flush(timeout=30), "the broadcaster did not send the setup's events within 30 s"
         self.loop.run_until_complete(self.layer.group_add(group, self.channel))
         self.groups.append(group)
 

@@ -21,6 +21,7 @@ import pytest
 from django.db import connection, transaction
 
 from accounts.models import User
+from accounts.services import user_deactivate
 from chatapp.broadcast import thread_group, user_group
 from chatapp.errors import Conflict, Forbidden, NotFound
 from messaging.models import Message, Reaction
@@ -176,6 +177,24 @@ def test_a_send_that_waited_out_its_senders_removal_is_refused(
     assert remove.error is None
     assert isinstance(send.error, NotFound)
     assert not Message.objects.filter(client_msg_id="late").exists()
+
+
+def test_a_send_that_waited_out_its_senders_deactivation_is_refused(
+    alice: User, bob: User, thread: Thread, parent: Message
+) -> None:
+    # A socket outlives its user's deactivation by the moment its close notice takes: a send frame
+    # handled then must not be stored. The send waits on the thread's lock; the deactivation (which
+    # takes no thread lock) commits meanwhile; the send's re-check under the lock sees it.
+    with thread_locked(thread.pk):
+        send = Writer(lambda: message_send(sender=bob, thread_id=thread.pk, body="too late", client_msg_id="late"))
+        send.start()
+        wait_for_waiters(1)
+        user_deactivate(actor=None, user=User.objects.get(pk=bob.pk), anonymise=True)
+    send.join(30)
+    assert not send.is_alive()
+    assert isinstance(send.error, NotFound)
+    assert not Message.objects.filter(client_msg_id="late").exists()
+    assert ThreadEvent.objects.filter(thread=thread, type="message.created").count() == 1  # the parent's only
 
 
 def test_a_send_that_waited_out_the_threads_deletion_is_refused(
