@@ -1,5 +1,5 @@
-"""``python -m bench.replay`` (inside scripts/testenv.py; ``make bench``): clients resuming a large
-backlog at once, and what it costs the server. Results: printed, and written to ``bench/results/``.
+"""``scripts/testenv.py run -- python -m bench.replay``: clients resuming a large backlog at once,
+and what it costs the server. Results: printed, and written to ``bench/results/``.
 
 One thread of 8 members holds ~12 MB of missed events (messages of ~45 KB of text, each event
 ~90 KB with its HTML). All 8 members connect, then subscribe with ``last_seq=0`` at the same moment
