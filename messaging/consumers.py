@@ -36,7 +36,8 @@ from chatapp import metrics
 from chatapp.api import IntField, TextField
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError
-from messaging import backlog, realtime, services, wire
+from messaging import realtime, services, wire
+from messaging.backlog import FIRST_PAGE, UNSENT_MARK, next_limit, thread_events_page
 from messaging.hub import Hub, hub
 from messaging.realtime import db
 from threads import policy
@@ -684,7 +685,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         (to the end of the log without it), and on to whatever arrived live meanwhile.
 
         Flow-controlled (docs/realtime.md, "Resuming a large backlog"): under daphne a page is read,
-        and each event written, only while at most ``backlog.UNSENT_MARK`` of this socket's writes
+        and each event written, only while at most ``UNSENT_MARK`` of this socket's writes
         wait in the server; so a client is sent its backlog as fast as it reads it, the process
         holds about one page (``messaging.backlog``) per resuming socket, and the slow-client rule
         (1013) never sees the replay. Live events of the thread are not queued meanwhile
@@ -698,11 +699,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         sub.replaying = True
         try:
-            limit = min(backlog.FIRST_PAGE, realtime.BACKLOG_PAGE)
+            limit = min(FIRST_PAGE, realtime.BACKLOG_PAGE)
             while self.subs.get(thread_id) is sub:
                 if not await self._replay_may_write():
                     return
-                rows, more = await db(backlog.thread_events_page)(thread_id=thread_id, after=sub.high, limit=limit)
+                rows, more = await db(thread_events_page)(thread_id=thread_id, after=sub.high, limit=limit)
                 metrics.replay_pages.inc()
                 for seq, payload in rows:
                     if self.subs.get(thread_id) is not sub or not await self._replay_may_write():
@@ -713,14 +714,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         self._apply_thread_event(thread_id, payload)
                 if not rows or (sub.high >= max(upto or 0, sub.pending) and (upto is not None or not more)):
                     return
-                limit = backlog.next_limit(len(rows), realtime.BACKLOG_PAGE)
+                limit = next_limit(len(rows), realtime.BACKLOG_PAGE)
         finally:
             sub.replaying = False
 
     async def _replay_may_write(self) -> bool:
         """Wait until this socket's client has taken what was written for it (down to the mark); False
         once the socket is closing, when the replay stops (``chatapp_replays_stopped_total``)."""
-        mark = backlog.UNSENT_MARK
+        mark = UNSENT_MARK
         if not self.closing and self.protocol is not None and wire.unsent_bytes(self.protocol) > mark:
             if self.outflow is None:
                 self.outflow = wire.Outflow(self.protocol)
