@@ -155,7 +155,7 @@ def _gone_errors() -> tuple[type[BaseException], ...]:
 
 
 def send_guard(send: Any, on_gone: Any) -> Any:
-    """ASGI ``send`` that drops a frame for a socket its client has already closed, and says so once.
+    """ASGI ``send`` that drops a frame for a socket its client has already closed, and tells the consumer.
 
     The client's close frame is answered by autobahn at once, but daphne tells the application
     (``websocket.disconnect``) only when the TCP connection is gone; a frame the consumer sends in
