@@ -55,15 +55,18 @@ def compress(text: str) -> bytes:
     return compressor.compress(text.encode()) + compressor.flush()
 
 
-def layer_message(event: dict[str, Any]) -> dict[str, Any]:
-    """The channel-layer message for an event: serialised (and compressed) once for all members."""
+def layer_message(event: dict[str, Any], *, compressed: bool = True) -> dict[str, Any]:
+    """The channel-layer message for an event: serialised (and compressed) once for all members.
+
+    ``compressed=False``: no compressed copy (a socket's replay, for a client that did not ask for it).
+    """
     text = event_dumps(event)
     message: dict[str, Any] = {"type": EVENT_MESSAGE_TYPE, "text": text}
     if "thread_id" in event:
         message["thread_id"] = event["thread_id"]
     if "seq" in event:
         message["seq"] = event["seq"]
-    if len(text.encode()) > settings.CHAT_COMPRESS_OVER_BYTES:
+    if compressed and len(text.encode()) > settings.CHAT_COMPRESS_OVER_BYTES:
         message["z"] = compress(text)
     return message
 

@@ -7,6 +7,7 @@ Who updates what:
 - ``fanout_latency``: the hub (messaging/hub.py), once it has written an event to its sockets;
 - ``socket_writes_buffered``: messaging/wire.py, when a socket's send buffer is full;
 - ``sockets_closed_behind``: the socket consumer, when it closes a client that fell too far behind;
+- ``replay_pages`` / ``replays_stopped``: the socket consumer's backlog replay (messaging/backlog.py);
 - ``ratelimit_refusals`` / ``ratelimit_errors``: chatapp/ratelimit.py and messaging/ratelimits.py;
 - ``channel_layer_errors``: chatapp/broadcast.py;
 - ``slow_queries``: chatapp/db.py;
@@ -57,6 +58,10 @@ sockets_closed_behind = Counter(
     "Sockets closed with 1013 because their client fell too far behind (it resumes from the log)",
 )
 slow_queries = Counter("chatapp_slow_queries_total", "Database queries slower than CHATAPP_SLOW_QUERY_SECONDS")
+replay_pages = Counter("chatapp_replay_pages_total", "Pages of the event log read to replay a backlog to a socket")
+replays_stopped = Counter(
+    "chatapp_replays_stopped_total", "Backlog replays stopped before the end because their socket closed"
+)
 
 # Series that exist from the first scrape, so rate() and alerts see zeros instead of gaps.
 for _via in ("api", "ws"):

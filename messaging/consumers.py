@@ -39,6 +39,7 @@ from chatapp.api import IntField, TextField
 from chatapp.broadcast import event_dumps, layer_message, thread_group, user_group
 from chatapp.errors import InvalidInput, NotFound, ServiceError, unavailable_for
 from messaging import realtime, services, wire
+from messaging.backlog import FIRST_PAGE, UNSENT_MARK, next_limit, thread_events_page
 from messaging.hub import Hub, hub
 from messaging.realtime import db
 from threads import policy
@@ -59,6 +60,7 @@ CLOSE_IDLE = 4408
 CLOSE_TOO_MANY = 4429
 
 realtime.daphne_close_codes()
+wire.daphne_fail_with_close_frame()
 
 
 class Malformed(ServiceError):
@@ -160,12 +162,18 @@ def parse(serializer_class: type[serializers.Serializer], frame: dict[str, Any])
 
 
 class Subscription:
-    """A thread this socket receives: ``high`` is the highest sequence sent to the client."""
+    """A thread this socket receives: ``high`` is the highest sequence sent to the client.
 
-    __slots__ = ("high",)
+    While the thread's backlog is being replayed (``replaying``), its live events are not queued:
+    ``pending`` keeps the highest sequence seen live, and the replay reads on to it from the log.
+    """
+
+    __slots__ = ("high", "pending", "replaying")
 
     def __init__(self, high: int) -> None:
         self.high = high
+        self.pending = 0
+        self.replaying = False
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -208,6 +216,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.waiter: asyncio.Future[None] | None = None
         self.busy = False  # handling a frame or an inbox event: live events wait in the inbox
         self.protocol: Any = None  # daphne's autobahn protocol (messaging/wire.py), or None
+        self.outflow: wire.Outflow | None = None  # made when a replay first waits for the client
 
     # --- ASGI plumbing ---------------------------------------------------------------------------
 
@@ -220,7 +229,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         process (:class:`messaging.realtime.Beats`); receipts get a batcher only once used.
         """
         self.scope = scope
-        self.base_send = send
+        self.base_send = wire.send_guard(send, self._client_gone)
         self.protocol = wire.daphne_protocol(send)  # events go out as frames prepared once
         try:
             await await_many_dispatch([receive, self._inbox_receive], self.dispatch)
@@ -255,6 +264,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return False
         thread_id = message.get("thread_id")
+        replaying = self.subs.get(thread_id) if thread_id is not None else None
+        if replaying is not None and replaying.replaying and message.get("seq") is not None:
+            # Its replay reads on to it from the log (flow-controlled): nothing waits in the inbox.
+            replaying.pending = max(replaying.pending, message["seq"])
+            return False
         if self.busy or self.inbox or thread_id is None:
             self.queue(message)
             return False
@@ -291,7 +305,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def close(self, code: int | None = None, reason: str | None = None) -> None:
         self.closing = True
+        self._stop_outflow()
         await super().close(code=code, reason=reason)
+
+    def _client_gone(self) -> None:
+        """A frame was sent after the client's close (wire.send_guard): stop writing; the disconnect follows."""
+        self.closing = True
+        self._stop_outflow()
+
+    def _stop_outflow(self) -> None:
+        if self.outflow is not None:
+            self.outflow.stop()
 
     # --- Connect / disconnect --------------------------------------------------------------------
 
@@ -404,6 +428,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         1013 instead of holding them. Its next connection resumes from the log, which loses nothing."""
         if not self.closing:
             self.closing = True  # nothing more is queued or written for it
+            self._stop_outflow()
             if self.inbox:
                 self.inbox.clear()
             metrics.sockets_closed_behind.inc()
@@ -703,22 +728,64 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)  # its session ended with the old password
 
     async def _replay(self, thread_id: int, upto: int | None = None, allowed_through: int = 0) -> None:
-        """Send the logged events after ``high`` in order, a page at a time (up to ``upto`` at least).
+        """Send the logged events after ``high`` in order, a page at a time: up to ``upto`` at least
+        (to the end of the log without it), and on to whatever arrived live meanwhile.
+
+        Flow-controlled (docs/realtime.md, "Resuming a large backlog"): under daphne a page is read,
+        and each event written, only while at most ``UNSENT_MARK`` of this socket's writes
+        wait in the server; so a client is sent its backlog as fast as it reads it, the process
+        holds about one page (``messaging.backlog``) per resuming socket, and the slow-client rule
+        (1013) never sees the replay. Live events of the thread are not queued meanwhile
+        (:meth:`take`). The replay stops as soon as the socket closes.
 
         Removals up to ``allowed_through`` (a sequence at which the user's access was checked) are
         sent but do not end the subscription.
         """
-        while (sub := self.subs.get(thread_id)) is not None:
-            rows = await db(realtime.thread_events_after)(thread_id=thread_id, after=sub.high)
-            for seq, payload in rows:
-                if self.subs.get(thread_id) is not sub:
+        sub = self.subs.get(thread_id)
+        if sub is None:
+            return
+        sub.replaying = True
+        try:
+            limit = min(FIRST_PAGE, realtime.BACKLOG_PAGE)
+            while self.subs.get(thread_id) is sub:
+                if not await self._replay_may_write():
                     return
-                sub.high = seq
-                await self.forward(layer_message(payload))
-                if seq > allowed_through and payload.get("type", "").startswith("thread."):
-                    self._apply_thread_event(thread_id, payload)
-            if len(rows) < realtime.BACKLOG_PAGE or (upto is not None and sub.high >= upto):
-                return
+                rows, more = await db(thread_events_page)(thread_id=thread_id, after=sub.high, limit=limit)
+                metrics.replay_pages.inc()
+                for seq, payload in rows:
+                    if self.subs.get(thread_id) is not sub or not await self._replay_may_write():
+                        return
+                    sub.high = seq
+                    await self._replay_write(layer_message(payload, compressed=self.compress))
+                    if seq > allowed_through and payload.get("type", "").startswith("thread."):
+                        self._apply_thread_event(thread_id, payload)
+                if not rows or (sub.high >= max(upto or 0, sub.pending) and (upto is not None or not more)):
+                    return
+                limit = next_limit(len(rows), realtime.BACKLOG_PAGE)
+        finally:
+            sub.replaying = False
+
+    async def _replay_may_write(self) -> bool:
+        """Wait until this socket's client has taken what was written for it (down to the mark); False
+        once the socket is closing, when the replay stops (``chatapp_replays_stopped_total``)."""
+        mark = UNSENT_MARK
+        if not self.closing and self.protocol is not None and wire.unsent_bytes(self.protocol) > mark:
+            if self.outflow is None:
+                self.outflow = wire.Outflow(self.protocol)
+            if await self.outflow.drain(mark):
+                self.last_heard = time.monotonic()  # it reads what we send: alive (see beat())
+        if self.closing or (self.protocol is not None and self.protocol.state != self.protocol.STATE_OPEN):
+            metrics.replays_stopped.inc()
+            return False
+        return True
+
+    async def _replay_write(self, message: dict[str, Any]) -> None:
+        """Write a replayed event; unlike :meth:`forward`, never counted against the slow-client rule:
+        the replay itself keeps what waits for this client down (:meth:`_replay_may_write`)."""
+        if self.protocol is None:
+            await self.forward(message)
+        else:
+            wire.write_event(self.protocol, message, zipped=self.compress and "z" in message)
 
     async def _send_presence(self, thread_id: int) -> None:
         members = await db(thread_member_ids)(thread_id=thread_id)

@@ -46,7 +46,7 @@ from django.conf import settings
 
 from chatapp import metrics
 from chatapp.broadcast import group_send_now, layer_message, thread_group
-from threads.models import Thread, ThreadEvent, ThreadParticipant
+from threads.models import Thread, ThreadParticipant
 
 logger = logging.getLogger(__name__)
 
@@ -124,19 +124,6 @@ def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
 
 # --- Reads -------------------------------------------------------------------------------------
-
-
-def thread_events_after(*, thread_id: int, after: int, limit: int = BACKLOG_PAGE) -> list[tuple[int, dict[str, Any]]]:
-    """The next ``limit`` logged events of a thread after sequence ``after``: (seq, exact event JSON).
-
-    The caller has checked access (the socket subscribed through thread_get_for_member).
-    """
-    rows = (
-        ThreadEvent.objects.filter(thread_id=thread_id, sequence__gt=after)
-        .order_by("sequence")
-        .values_list("sequence", "payload")[:limit]
-    )
-    return [(int(seq), payload) for seq, payload in rows]
 
 
 def thread_last_sequences(*, thread_ids: list[int]) -> dict[int, int]:
