@@ -63,6 +63,7 @@ test: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python scripts/testenv.py ensure
 	$(BIN)/python scripts/testenv.py run -- $(BIN)/python -m bench.run
+	$(BIN)/python scripts/testenv.py run -- $(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.images
 
 clean:
